@@ -1,0 +1,404 @@
+"""Step 2: find residual merges in a traced graph.
+
+A residual merge is a sum whose operands split, at the sum's immediate dominator S (the block
+input), into a shortcut (S itself, or a short projection of S) and one or more branches
+computed only from S. ../docs/block-finding.md lists the rules and the traps they avoid.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .tracing import input_placeholders
+
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+
+# Ops whose tensor output depends on their input's shape only.
+SHAPE_ONLY_FUNCTIONS = {
+    torch.zeros_like,
+    torch.ones_like,
+    torch.empty_like,
+    torch.full_like,
+    torch.rand_like,
+    torch.randn_like,
+    torch.randint_like,
+}
+SHAPE_ONLY_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
+
+# Ops that mix information across channels, positions or tokens: a branch needs one.
+MIXING_FUNCTIONS = {
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    F.linear,
+    F.bilinear,
+    torch.matmul,
+    torch.bmm,
+    torch.mm,
+    torch.einsum,
+    torch.baddbmm,
+    torch.addmm,
+    torch.addbmm,
+    operator.matmul,
+    F.scaled_dot_product_attention,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    F.lp_pool2d,
+}
+MIXING_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+POOL_MODULES = (
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+)
+ELEMENTWISE_FUNCTIONS = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.imul,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.addcmul,
+    torch.addcdiv,
+    torch.where,
+}
+
+# What a projection shortcut may be made of: conv/linear, norm, pooling, resampling, padding,
+# slicing and reshaping (ResNet-B/D, CIFAR option A, GhostNet, RegNet, ...).
+SHORTCUT_MODULES = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Identity,
+    nn.Upsample,
+    nn.Flatten,
+    nn.modules.dropout._DropoutNd,
+    *POOL_MODULES,
+)
+SHORTCUT_FUNCTIONS = {
+    F.pad,
+    operator.getitem,
+    torch.cat,
+    torch.flatten,
+    F.interpolate,
+    F.batch_norm,
+    F.layer_norm,
+    F.group_norm,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.linear,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.adaptive_avg_pool2d,
+    torch.nn.functional.pixel_unshuffle,
+}
+SHORTCUT_METHODS = {
+    "view",
+    "reshape",
+    "permute",
+    "transpose",
+    "contiguous",
+    "flatten",
+    "to",
+    "type_as",
+    "float",
+    "half",
+    "bfloat16",
+    "expand",
+    "repeat",
+    "__getitem__",
+}
+MAX_SHORTCUT_OPS = 4
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One gateable residual branch: ``merge`` adds ``output`` onto a shortcut of ``input``."""
+
+    name: str
+    input: fx.Node
+    output: fx.Node
+    merge: fx.Node  # the add node that takes `output` as an argument
+    nodes: frozenset[fx.Node]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A sum that looked like a merge but is not a residual block, and why."""
+
+    node: str
+    module: str
+    reason: str
+
+
+def is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ADD_METHODS
+    )
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
+class _Graph:
+    """Data-flow facts about a traced graph: which nodes carry input data, and dominators."""
+
+    def __init__(self, gm: fx.GraphModule, num_inputs: int):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        inputs = set(input_placeholders(gm)[:num_inputs])
+        self.data: set[fx.Node] = set()
+        for n in gm.graph.nodes:
+            if n in inputs or (
+                n.meta.get("cg_tensor")
+                and not self._shape_only(n)
+                and any(a in self.data for a in n.all_input_nodes)
+            ):
+                self.data.add(n)
+        self.idom: dict[fx.Node, fx.Node | None] = {}
+        for n in gm.graph.nodes:  # one pass suffices on a DAG in topological order
+            if n not in self.data:
+                continue
+            preds = [a for a in n.all_input_nodes if a in self.data]
+            dom = None
+            if preds:
+                dom = preds[0]
+                for p in preds[1:]:
+                    dom = self._intersect(dom, p)
+            self.idom[n] = dom
+
+    @staticmethod
+    def _shape_only(n: fx.Node) -> bool:
+        return (n.op == "call_function" and n.target in SHAPE_ONLY_FUNCTIONS) or (
+            n.op == "call_method" and n.target in SHAPE_ONLY_METHODS
+        )
+
+    def _intersect(self, a: fx.Node | None, b: fx.Node | None) -> fx.Node | None:
+        while a is not b:
+            if a is None or b is None:
+                return None
+            while a is not None and b is not None and self.order[a] > self.order[b]:
+                a = self.idom[a]
+            while a is not None and b is not None and self.order[b] > self.order[a]:
+                b = self.idom[b]
+        return a
+
+    def arm(self, operand: fx.Node, start: fx.Node) -> set[fx.Node]:
+        """Data nodes on the paths from `start` (excluded) to `operand` (included)."""
+        found, stack = set(), [operand]
+        while stack:
+            n = stack.pop()
+            if n is start or n in found:
+                continue
+            found.add(n)
+            stack.extend(a for a in n.all_input_nodes if a in self.data)
+        return found
+
+    def escapes(self, nodes: set[fx.Node], inside: set[fx.Node]) -> bool:
+        """Whether a value of `nodes` is used outside `inside`, also through shape-only users."""
+        seen: set[fx.Node] = set()
+        stack = [u for n in nodes for u in n.users]
+        while stack:
+            u = stack.pop()
+            if u in inside or u in seen:
+                continue
+            seen.add(u)
+            if u in self.data or u.op == "output":
+                return True
+            stack.extend(u.users)  # a shape or size read: follow it to its data users
+        return False
+
+    def mixes(self, n: fx.Node) -> bool:
+        if n.op == "call_module":
+            m = self.modules[n.target]
+            return isinstance(m, POOL_MODULES) or any(p.dim() >= 2 for p in m.parameters())
+        if n.op == "call_method":
+            return n.target in MIXING_METHODS
+        if n.op != "call_function":
+            return False
+        if n.target in MIXING_FUNCTIONS:
+            return True
+        # e.g. a wrapped attention function fed with a weight matrix
+        return n.target not in ELEMENTWISE_FUNCTIONS and any(
+            a.op == "get_attr" and getattr(self._attr(a), "dim", lambda: 0)() >= 2
+            for a in n.all_input_nodes
+        )
+
+    def _attr(self, n: fx.Node):
+        obj = self.gm
+        for part in n.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def shortcut_op(self, n: fx.Node) -> bool:
+        if n.op == "call_module":
+            return isinstance(self.modules[n.target], SHORTCUT_MODULES)
+        if n.op == "call_method":
+            return n.target in SHORTCUT_METHODS
+        return n.op == "call_function" and n.target in SHORTCUT_FUNCTIONS
+
+
+def _flatten_sum(
+    root: fx.Node, absorbed: set[fx.Node]
+) -> tuple[list[tuple[fx.Node, fx.Node]], set]:
+    """Operands of a chain of adds as (holder add, operand) pairs, and the adds in the chain."""
+    operands, adds, stack = [], {root}, [root]
+    while stack:
+        add = stack.pop()
+        for a in add.args[:2]:
+            if isinstance(a, fx.Node) and a in absorbed:
+                adds.add(a)
+                stack.append(a)
+            elif isinstance(a, fx.Node):
+                operands.append((add, a))
+    return operands, adds
+
+
+def find_blocks(gm: fx.GraphModule, num_inputs: int = 1) -> tuple[list[Branch], list[Rejected]]:
+    """Residual branches of a traced graph whose nodes carry ``cg_shape`` (see `record_shapes`)."""
+    g = _Graph(gm, num_inputs)
+    adds = [n for n in gm.graph.nodes if is_add(n) and n in g.data]
+    # An add whose only user is another add (with no `alpha`) is one term of a larger sum.
+    absorbed = {
+        n
+        for n in adds
+        if len(n.users) == 1
+        and is_add(next(iter(n.users)))
+        and not n.kwargs
+        and next(iter(n.users)) in g.data
+    }
+    found: list[tuple[str, fx.Node, fx.Node, fx.Node, set]] = []
+    rejected: list[Rejected] = []
+    for root in adds:
+        if root in absorbed:
+            continue
+        operands, sum_nodes = _flatten_sum(root, absorbed)
+        data_ops = [(h, o) for h, o in operands if o in g.data]
+        if len(data_ops) < 2:
+            continue  # adds a parameter, constant or shape-derived tensor: not a merge
+        reason, branches = _classify(g, root, data_ops, sum_nodes)
+        if reason:
+            rejected.append(Rejected(root.name, _module_path(root), reason))
+        else:
+            found.extend((_module_path(root), g.idom[root], h, o, arm) for h, o, arm in branches)
+    return _name_branches(g, found), rejected
+
+
+def _classify(g: _Graph, root: fx.Node, data_ops, sum_nodes):
+    if any(
+        u.op == "call_function" and u.target is operator.setitem for a in sum_nodes for u in a.users
+    ):
+        return "slice-assignment residual (x[:, :C] += ...): not supported", []
+    if any(
+        h.op == "call_method"
+        and h.target == "add_"
+        and h.args[0].op == "call_function"
+        and h.args[0].target is operator.getitem
+        for h in sum_nodes
+    ):
+        return "in-place add into a slice: not supported", []
+    start = g.idom[root]
+    if start is None:
+        return "the operands share no block input", []
+    operands = [o for _, o in data_ops]
+    if len(set(operands)) != len(operands):
+        return "the same value is added twice", []
+    arms = [g.arm(o, start) if o is not start else set() for o in operands]
+    for arm in arms:
+        if g.escapes(arm, set().union(*arms) | sum_nodes):
+            return "a value inside the block is also used outside it", []
+    identity = [i for i, o in enumerate(operands) if o is start]
+    if len(operands) > 2 and len(identity) != 1:
+        return (
+            f"a sum of {len(operands)} parallel branches without a bare identity (RepVGG-style)",
+            [],
+        )
+    if identity:
+        skip = identity[0]
+    else:  # two operands: the shortcut is the short, projection-only one
+        skip = min(range(2), key=lambda i: len(arms[i]))
+        other = 1 - skip
+        if len(arms[skip]) >= len(arms[other]):
+            return "two parallel branches of equal length, neither is a shortcut", []
+        if len(arms[skip]) > MAX_SHORTCUT_OPS or not all(g.shortcut_op(n) for n in arms[skip]):
+            return "neither operand is the block input or a projection shortcut of it", []
+    branches = [(data_ops[i][0], operands[i], arms[i]) for i in range(len(operands)) if i != skip]
+    if arms[skip] & set().union(*(arm for _, _, arm in branches)):
+        return "the shortcut and a branch share nodes (a block with two inputs)", []
+    if not all(any(g.mixes(n) for n in arm) for _, _, arm in branches):
+        return "a branch has no conv, linear, attention or pooling (a norm or embedding add)", []
+    return None, sorted(branches, key=lambda b: g.order[b[1]])
+
+
+def _name_branches(g: _Graph, found) -> list[Branch]:
+    """Name each branch by the module whose forward does the merge (``layer2.3``); blocks with
+    several merges (a transformer's attention and MLP) add the branch's heaviest child module."""
+    by_path = defaultdict(int)
+    for path, *_ in found:
+        by_path[path] += 1
+    names: list[str] = []
+    for path, _, _, _, arm in found:
+        name = path
+        if by_path[path] > 1 or not path:
+            child = _heaviest_child(g, path, arm)
+            name = f"{path}.{child}" if path and child else (child or path)
+        names.append(name or "block")
+    counts: dict[str, int] = defaultdict(int)
+    branches = []
+    for name, (_, start, holder, output, arm) in zip(names, found, strict=True):
+        counts[name] += 1
+        if names.count(name) > 1:
+            name = f"{name}#{counts[name]}"
+        branches.append(Branch(name, start, output, holder, frozenset(arm)))
+    return branches
+
+
+def _heaviest_child(g: _Graph, path: str, arm: set[fx.Node]) -> str:
+    """The child of module `path` that holds most of the branch's parameters."""
+    prefix = f"{path}." if path else ""
+    targets = {n.target for n in arm if n.op == "call_module"}
+    targets |= {a.target for n in arm for a in n.all_input_nodes if a.op == "get_attr"}
+    children = {t[len(prefix) :].split(".")[0] for t in targets if t.startswith(prefix)}
+
+    def size(child: str) -> int:
+        m = g.modules.get(prefix + child)
+        return sum(p.numel() for p in m.parameters()) if m is not None else 0
+
+    return max(sorted(children), key=size, default="")

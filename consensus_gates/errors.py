@@ -1,0 +1,13 @@
+"""Errors raised for a user's mistake, each with a message that says what to do."""
+
+
+class TracingError(RuntimeError):
+    """torch.fx could not trace the model."""
+
+
+class InputError(ValueError):
+    """The example inputs do not fit the model."""
+
+
+class ModelFileError(ValueError):
+    """A saved file is corrupt, truncated, of another format, or does not match its model."""

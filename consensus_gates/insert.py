@@ -1,0 +1,173 @@
+"""Step 3: `insert_gates` puts a `LayerGate` on every residual branch of a traced model."""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+from collections import OrderedDict
+from typing import Any
+
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .blocks import Branch, find_blocks
+from .config import GateConfig
+from .gates import LayerGate
+from .models.registry import SOURCE_ATTR
+from .tracing import LeafSpec, as_input_tuple, record_shapes, trace
+
+META_KEY = "consensus_gates"
+GATES_ATTR = "gate_modules"
+
+CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+
+
+class GatedModel(fx.GraphModule):
+    """A traced copy of a model with a gate on each residual branch.
+
+    Call it like the original model. ``gates`` maps stable names (``"layer2.3"``) to gates.
+    """
+
+    @property
+    def gates(self) -> OrderedDict[str, LayerGate]:
+        return OrderedDict((m.name, m) for m in self.modules() if isinstance(m, LayerGate))
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """How this model was made: source model, example input shapes, config, leaves."""
+        return self.meta[META_KEY]
+
+
+def insert_gates(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Tensor, ...],
+    config: GateConfig | None = None,
+    *,
+    leaf_modules: LeafSpec = (),
+) -> GatedModel:
+    """Trace `model` with torch.fx and gate every residual branch.
+
+    The model itself is not modified: the result is a traced copy in which each residual
+    merge computes ``skip + g(x) * branch``, ``g`` being a per-sample binary gate. With all
+    gates open it computes exactly what the original does.
+
+    Args:
+        model: any network with residual connections (its code is not touched).
+        example_inputs: a tensor or tuple of tensors the model accepts, e.g.
+            ``torch.randn(2, 3, 32, 32)``; used to trace and to size the gates.
+        config: how to build the gates (`GateConfig`).
+        leaf_modules: module classes or qualified names to call as black boxes, for code
+            torch.fx cannot trace. No gate is placed inside a leaf.
+
+    Raises:
+        ValueError: the model has no residual merge.
+        TracingError: torch.fx cannot trace a module (the message names it).
+        InputError: `example_inputs` does not fit the model.
+    """
+    if isinstance(unwrap(model), GatedModel):
+        raise ValueError("this model already has gates; call insert_gates on the original model")
+    config = config or GateConfig()
+    inputs = as_input_tuple(example_inputs)
+    gm, user_leaves = trace(model, leaf_modules)
+    record_shapes(gm, inputs)
+    branches, rejected = find_blocks(gm, num_inputs=len(inputs))
+    branches = [b for b in branches if not any(fnmatch.fnmatch(b.name, p) for p in config.exclude)]
+    if not branches:
+        why = "".join(f"\n  - {r.node} in '{r.module}': {r.reason}" for r in rejected)
+        raise ValueError(
+            f"{type(model).__name__} has no residual merge to gate (an add of a block's input "
+            "and a branch computed from it)"
+            + (f"; sums that were considered and refused:{why}" if why else "")
+            + (
+                f"; GateConfig.exclude={config.exclude} removed every candidate"
+                if config.exclude
+                else ""
+            )
+        )
+
+    gates = nn.Module()
+    gm.add_module(GATES_ATTR, gates)
+    for b in branches:
+        attr = b.name.replace(".", "_").replace("#", "_")
+        gates.add_module(attr, _make_gate(gm, b, config))
+        _wire(gm.graph, b, f"{GATES_ATTR}.{attr}")
+    gm.graph.lint()
+    gated = GatedModel(gm, gm.graph, class_name=f"Gated{type(model).__name__}")
+
+    ref = next((t for t in model.parameters()), inputs[0])
+    gates.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    gated.train(model.training)
+    gated.meta[META_KEY] = {
+        "kind": "gated",
+        "source": getattr(model, SOURCE_ATTR, None),
+        "inputs": [
+            {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in inputs
+        ],
+        "config": config.to_dict(),
+        "leaf_modules": user_leaves,
+        "rejected": [r.__dict__ for r in rejected],
+    }
+    return gated
+
+
+def _feature_dim(gm: fx.GraphModule, b: Branch, ndim: int) -> int | None:
+    """Which dim of the block input holds channels: 1 for conv layouts, last for tokens."""
+    if ndim <= 2:
+        return None
+    modules = dict(gm.named_modules())
+    first = [u for u in b.input.users if u in b.nodes and u.op == "call_module"]
+    if first and isinstance(modules[first[0].target], CHANNEL_FIRST):
+        return 1
+    if first and isinstance(modules[first[0].target], (nn.Linear, nn.LayerNorm)):
+        return ndim - 1
+    return 1 if ndim >= 4 else ndim - 1
+
+
+def _make_gate(gm: fx.GraphModule, b: Branch, config: GateConfig) -> LayerGate:
+    in_shape, out_shape = b.input.meta["cg_shape"], b.output.meta["cg_shape"]
+    if not isinstance(in_shape, tuple) or not isinstance(out_shape, tuple):
+        raise ValueError(f"block '{b.name}': gates need tensor inputs and outputs")
+    fdim = _feature_dim(gm, b, len(in_shape))
+    channels = in_shape[fdim] if fdim is not None else (in_shape[1] if len(in_shape) > 1 else 1)
+    return LayerGate(b.name, channels, fdim, len(out_shape), config)
+
+
+def _wire(graph: fx.Graph, b: Branch, target: str) -> None:
+    """Compute the gate right after the block input, then scale the branch before the merge."""
+    anchor = b.input
+    if anchor.op == "placeholder":  # keep all placeholders first
+        anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(anchor):
+        g = graph.call_module(target, (b.input,))
+    with graph.inserting_before(b.merge):
+        scaled = graph.call_function(operator.mul, (b.output, g))
+    b.merge.replace_input_with(b.output, scaled)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel wrapper."""
+    return (
+        model.module
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+        else model
+    )
+
+
+def require_gated(model: nn.Module) -> GatedModel:
+    model = unwrap(model)
+    if not isinstance(model, GatedModel):
+        raise TypeError(
+            f"expected a model returned by insert_gates(), got {type(model).__name__}; "
+            "call consensus_gates.insert_gates(model, example_inputs) first"
+        )
+    return model
+
+
+def gate_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, LayerGate]]:
+    """The graph's gate calls, in graph order."""
+    modules = dict(gm.named_modules())
+    return [
+        (n, modules[n.target])
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(modules.get(n.target), LayerGate)
+    ]

@@ -1,0 +1,21 @@
+"""Model zoo (CIFAR ResNets) and the registry behind `create_model`."""
+
+from __future__ import annotations
+
+from .cifar_resnet import CifarResNet, Shortcut
+from .registry import create_model, list_models, register_model
+
+
+def _cifar_resnet(depth: int):
+    def build(num_classes: int = 10, in_channels: int = 3, shortcut: Shortcut = "A") -> CifarResNet:
+        return CifarResNet(depth, num_classes, in_channels, shortcut)
+
+    build.__name__ = build.__qualname__ = f"resnet{depth}"
+    build.__doc__ = f"CIFAR ResNet-{depth} (He et al. 2016), option-A or option-B shortcuts."
+    return build
+
+
+for _depth in (20, 32, 44, 56, 110):
+    register_model()(_cifar_resnet(_depth))
+
+__all__ = ["CifarResNet", "create_model", "list_models", "register_model"]

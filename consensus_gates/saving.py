@@ -1,0 +1,193 @@
+"""Step 7: save and load without pickle (safetensors + a JSON spec), and torch.export."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+from .config import GateConfig
+from .consensus import fix_decisions
+from .errors import ModelFileError
+from .insert import META_KEY, GatedModel, insert_gates, unwrap
+from .models.registry import SOURCE_ATTR, create_model
+from .surgery import materialize
+from .tracing import as_input_tuple
+
+FORMAT = "consensus-gates"
+VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keep the suffix: torch.export.save insists on ".pt2"
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _spec(model: nn.Module) -> dict[str, Any]:
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict) and META_KEY in meta:
+        spec = {k: v for k, v in meta[META_KEY].items() if k != "rejected"}
+        if isinstance(model, GatedModel):
+            spec["fixed"] = {n: g.fixed for n, g in model.gates.items() if g.fixed is not None}
+    elif hasattr(model, SOURCE_ATTR):
+        spec = {"kind": "plain", "source": getattr(model, SOURCE_ATTR)}
+    else:
+        raise ValueError(
+            f"save() cannot describe how to rebuild a {type(model).__name__}: build it with "
+            "create_model(), insert_gates() or materialize(). For other models, save the "
+            "weights with safetensors or the program with consensus_gates.export()."
+        )
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        **spec,
+        "dtype": str(floating[0]).removeprefix("torch.") if floating else None,
+    }
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save a plain (`create_model`), gated or slim model to one ``.safetensors`` file.
+
+    The weights go in as tensors; the header holds a JSON spec (source model name and
+    kwargs, input shapes, `GateConfig`, decisions) from which `load` rebuilds the module.
+    The file is written atomically.
+    """
+    model = unwrap(model)
+    spec = _spec(model)
+    try:
+        header = json.dumps(spec)
+    except TypeError as e:
+        raise ValueError(
+            f"the model's constructor arguments are not JSON-serializable ({e}); pass only "
+            "numbers, strings, booleans, lists and dicts to create_model()"
+        ) from e
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp), metadata={META_KEY: header})
+
+
+def read_spec(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON spec in a file written by `save`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt"
+        ) from e
+    if META_KEY not in metadata:
+        raise ModelFileError(
+            f"{path} is a safetensors file but not one written by consensus_gates.save() "
+            "(its header has no model spec)"
+        )
+    spec = json.loads(metadata[META_KEY])
+    if spec.get("format") != FORMAT or spec.get("version", 0) > VERSION:
+        raise ModelFileError(
+            f"{path} has spec version {spec.get('version')}; this consensus-gates reads up "
+            f"to {VERSION}: upgrade consensus-gates"
+        )
+    return spec
+
+
+def load(
+    path: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Rebuild a model saved by `save`, without unpickling anything.
+
+    The architecture is replayed from the spec: `create_model` (or the `model` you pass, an
+    instance of the original architecture, for models outside the registry), then
+    `insert_gates` and `materialize` as recorded. Then the weights are loaded strictly.
+    """
+    spec = read_spec(path)
+    source = spec.get("source")
+    if model is None:
+        if not source:
+            raise ModelFileError(
+                f"{path} was saved from a model that is not in the registry; pass an instance "
+                "of its architecture: load(path, model=MyNet(...))"
+            )
+        model = create_model(source["name"], **source["kwargs"])
+    if spec["dtype"]:
+        model = model.to(getattr(torch, spec["dtype"]))
+    if spec["kind"] != "plain":
+        inputs = tuple(
+            torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec["inputs"]
+        )
+        config = GateConfig.from_dict(spec["config"])
+        gated = insert_gates(model, inputs, config, leaf_modules=spec["leaf_modules"])
+        if spec["kind"] == "slim":
+            model = materialize(gated, spec["decisions"])
+        else:
+            fix_decisions(gated, None)
+            for name, d in spec.get("fixed", {}).items():
+                gated.gates[name].fixed = d
+            model = gated
+    try:
+        load_model(model, str(path), strict=True)
+    except (RuntimeError, SafetensorError) as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ModelFileError(
+            f"the weights in {path} do not match the rebuilt model ({detail[:800]}). If you "
+            "passed model=..., it must be the architecture the file was saved from."
+        ) from e
+    return model.to(device).eval()
+
+
+def export(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Tensor, ...],
+    path: str | os.PathLike,
+    dynamic_batch: bool = True,
+) -> torch.export.ExportedProgram:
+    """Write `model` (usually a slim model) with `torch.export` to a ``.pt2`` file.
+
+    Load it anywhere with plain torch: ``torch.export.load(path).module()``; consensus_gates
+    is not needed. The batch dimension is dynamic unless `dynamic_batch` is False or the
+    model cannot support it (then a warning says so).
+    """
+    model = unwrap(model)
+    inputs = as_input_tuple(example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        program = None
+        if dynamic_batch:
+            shapes = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
+            try:
+                program = torch.export.export(model, inputs, dynamic_shapes=shapes)
+            except Exception as e:  # noqa: BLE001 - fall back to a static batch
+                warnings.warn(
+                    f"export with a dynamic batch failed ({e}); using a static batch", stacklevel=2
+                )
+        if program is None:
+            program = torch.export.export(model, inputs)
+    finally:
+        model.train(was_training)
+    with atomic_path(path) as tmp:
+        torch.export.save(program, str(tmp))
+    return program

@@ -1,0 +1,76 @@
+"""The block finder on synthetic topologies (tests/synthetic_models.py) and torchvision."""
+
+import pytest
+import torch
+
+import consensus_gates as cg
+from consensus_gates.blocks import find_blocks
+from consensus_gates.tracing import record_shapes, trace
+from synthetic_models import CASES
+
+
+def _find(model, x):
+    gm, _ = trace(model)
+    record_shapes(gm, (x,))
+    return find_blocks(gm)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_synthetic_topologies(case):
+    branches, rejected = _find(case.factory(), torch.randn(*case.input_shape))
+    assert len(branches) == case.expected_blocks, (case.note, [r.reason for r in rejected])
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.expected_blocks], ids=lambda c: c.name
+)
+def test_synthetic_positives_gate_and_stay_exact(case):
+    model = case.factory().eval()
+    x = torch.randn(*case.input_shape)
+    gated = cg.insert_gates(model, x).eval()
+    assert len(gated.gates) == case.expected_blocks
+    cg.fix_decisions(gated, dict.fromkeys(gated.gates, True))
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), model(x), rtol=1e-6, atol=0)
+
+
+def test_refusals_say_why():
+    by_name = {c.name: c for c in CASES}
+    reasons = {
+        "RepVGGBlock": "parallel branches",
+        "DLALike": "used outside",
+        "GRNBlock": "no conv, linear",
+        "SliceAssignResidual": "slice",
+    }
+    for name, text in reasons.items():
+        case = by_name[name]
+        _, rejected = _find(case.factory(), torch.randn(*case.input_shape))
+        assert any(text in r.reason for r in rejected), (name, rejected)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,shape,count,first,last",
+    [
+        ("resnet18", {}, (1, 3, 32, 32), 8, "layer1.0", "layer4.1"),
+        ("resnet50", {}, (1, 3, 32, 32), 16, "layer1.0", "layer4.2"),
+        ("mobilenet_v2", {}, (1, 3, 32, 32), 10, "features.3", "features.16"),
+        ("efficientnet_b0", {}, (1, 3, 32, 32), 9, "features.2.1", "features.6.3"),
+        ("vit_b_16", {"image_size": 32}, (1, 3, 32, 32), 24,
+         "encoder.layers.encoder_layer_0.self_attention", "encoder.layers.encoder_layer_11.mlp"),
+        ("resnet20", {"shortcut": "B"}, (1, 3, 32, 32), 9, "layer1.0", "layer3.2"),
+    ],
+)
+def test_torchvision_and_zoo_blocks_and_names(name, kwargs, shape, count, first, last):
+    branches, rejected = _find(cg.create_model(name, **kwargs), torch.randn(*shape))
+    names = [b.name for b in branches]
+    assert (len(names), names[0], names[-1]) == (count, first, last)
+    assert len(set(names)) == count and not rejected
+
+
+def test_projection_shortcut_is_the_skip_not_the_branch():
+    """In a downsampling Bottleneck the branch is conv1..bn3, the skip is downsample."""
+    branches, _ = _find(cg.create_model("resnet50"), torch.randn(1, 3, 32, 32))
+    first = branches[0]
+    targets = {n.target for n in first.nodes if n.op == "call_module"}
+    assert "layer1.0.conv3" in targets and "layer1.0.bn3" in targets
+    assert not any(t.startswith("layer1.0.downsample") for t in targets)
