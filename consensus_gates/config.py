@@ -45,7 +45,8 @@ class GateConfig:
             raise ValueError(f"GateConfig.tau must be > 0, got {self.tau}")
         if self.momentum is not None and not 0 < self.momentum <= 1:
             raise ValueError(f"GateConfig.momentum must be in (0, 1] or None, got {self.momentum}")
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        object.__setattr__(self, "exclude", exclude)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

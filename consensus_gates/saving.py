@@ -40,6 +40,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # writers create 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -105,11 +108,19 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is a safetensors file but not one written by consensus_gates.save() "
             "(its header has no model spec)"
         )
-    spec = json.loads(metadata[META_KEY])
-    if spec.get("format") != FORMAT or spec.get("version", 0) > VERSION:
+    try:
+        spec = json.loads(metadata[META_KEY])
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path} has a corrupt model spec in its header ({e})") from e
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise ModelFileError(f"{path} has a header spec of another format, not {FORMAT!r}")
+    version = spec.get("version")
+    if not isinstance(version, int):
+        raise ModelFileError(f"{path} has a model spec without a valid version ({version!r})")
+    if version > VERSION:
         raise ModelFileError(
-            f"{path} has spec version {spec.get('version')}; this consensus-gates reads up "
-            f"to {VERSION}: upgrade consensus-gates"
+            f"{path} has spec version {version}; this consensus-gates reads up to {VERSION}: "
+            "upgrade consensus-gates"
         )
     return spec
 

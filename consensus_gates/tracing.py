@@ -64,6 +64,8 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = ()) -> tuple[fx.GraphModule
 
     Returns the graph module and the qualified names of the modules kept as user leaves.
     """
+    if isinstance(leaf_modules, (str, type)):
+        leaf_modules = [leaf_modules]
     leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
     leaf_names = {x for x in leaf_modules if isinstance(x, str)}
     if len(leaf_types) + len(leaf_names) != len(leaf_modules):
@@ -173,7 +175,7 @@ def record_shapes(gm: fx.GraphModule, example_inputs: tuple[Tensor, ...]) -> Non
         raise InputError(
             f"the model's forward takes {len(required)}"
             + (f" to {len(placeholders)}" if len(placeholders) > len(required) else "")
-            + f" inputs ({', '.join(p.name for p in placeholders)}); "
+            + f" input(s) ({', '.join(p.name for p in placeholders)}); "
             f"example_inputs has {len(example_inputs)}"
         )
     was_training = gm.training
