@@ -6,6 +6,7 @@ import torch
 import consensus_gates as cg
 from consensus_gates.blocks import find_blocks
 from consensus_gates.tracing import record_shapes, trace
+
 from synthetic_models import CASES
 
 
@@ -21,9 +22,7 @@ def test_synthetic_topologies(case):
     assert len(branches) == case.expected_blocks, (case.note, [r.reason for r in rejected])
 
 
-@pytest.mark.parametrize(
-    "case", [c for c in CASES if c.expected_blocks], ids=lambda c: c.name
-)
+@pytest.mark.parametrize("case", [c for c in CASES if c.expected_blocks], ids=lambda c: c.name)
 def test_synthetic_positives_gate_and_stay_exact(case):
     model = case.factory().eval()
     x = torch.randn(*case.input_shape)
@@ -55,8 +54,14 @@ def test_refusals_say_why():
         ("resnet50", {}, (1, 3, 32, 32), 16, "layer1.0", "layer4.2"),
         ("mobilenet_v2", {}, (1, 3, 32, 32), 10, "features.3", "features.16"),
         ("efficientnet_b0", {}, (1, 3, 32, 32), 9, "features.2.1", "features.6.3"),
-        ("vit_b_16", {"image_size": 32}, (1, 3, 32, 32), 24,
-         "encoder.layers.encoder_layer_0.self_attention", "encoder.layers.encoder_layer_11.mlp"),
+        (
+            "vit_b_16",
+            {"image_size": 32},
+            (1, 3, 32, 32),
+            24,
+            "encoder.layers.encoder_layer_0.self_attention",
+            "encoder.layers.encoder_layer_11.mlp",
+        ),
         ("resnet20", {"shortcut": "B"}, (1, 3, 32, 32), 9, "layer1.0", "layer3.2"),
     ],
 )

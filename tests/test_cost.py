@@ -14,17 +14,24 @@ BN16 = 2 * 16 * 32 * 32  # fvcore: 2 per element for an affine BatchNorm in eval
 def test_resnet20_branch_cost_matches_a_hand_count():
     gated = cg.insert_gates(cg.create_model("resnet20"), torch.randn(2, 3, 32, 32))
     costs = cg.branch_costs(gated)
-    assert costs["layer1.0"] == cg.Cost(flops=2 * CONV16 + 2 * BN16, params=2 * 16 * 16 * 9 + 4 * 16)
+    assert costs["layer1.0"] == cg.Cost(
+        flops=2 * CONV16 + 2 * BN16, params=2 * 16 * 16 * 9 + 4 * 16
+    )
     # layer2.0: 16->32 stride 2 then 32->32, at 16x16; option-A shortcut costs nothing
     conv_a, conv_b, bn = 32 * 16 * 9 * 16 * 16, 32 * 32 * 9 * 16 * 16, 2 * 32 * 16 * 16
-    assert costs["layer2.0"] == cg.Cost(conv_a + conv_b + 2 * bn, 32 * 16 * 9 + 32 * 32 * 9 + 4 * 32)
+    assert costs["layer2.0"] == cg.Cost(
+        conv_a + conv_b + 2 * bn, 32 * 16 * 9 + 32 * 32 * 9 + 4 * 32
+    )
     assert [int(g.branch_flops) for g in gated.gates.values()] == [c.flops for c in costs.values()]
 
 
 @pytest.mark.parametrize(
     "name,kwargs,shape",
-    [("resnet20", {}, (1, 3, 32, 32)), ("resnet20", {"shortcut": "B"}, (1, 3, 32, 32)),
-     ("mobilenet_v2", {}, (1, 3, 32, 32))],
+    [
+        ("resnet20", {}, (1, 3, 32, 32)),
+        ("resnet20", {"shortcut": "B"}, (1, 3, 32, 32)),
+        ("mobilenet_v2", {}, (1, 3, 32, 32)),
+    ],
 )
 def test_drops_equal_the_closed_branches_costs(name, kwargs, shape):
     model = cg.create_model(name, **kwargs)

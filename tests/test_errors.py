@@ -9,12 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize, rel_diff
 from torch import nn
 
 import consensus_gates as cg
 from consensus_gates import GateConfig, InputError, TracingError
 from consensus_gates.models import CifarResNet
+
+from conftest import randomize, rel_diff
 
 
 @pytest.fixture(scope="module", autouse=True)

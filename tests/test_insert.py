@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import consensus_gates as cg
+
 from conftest import randomize, rel_diff
 
 

@@ -8,8 +8,13 @@ from consensus_gates.models import CifarResNet
 @pytest.mark.parametrize(
     "name,blocks,params",
     # He et al. report 0.27M / 0.46M / 0.66M / 0.85M / 1.7M parameters (option A).
-    [("resnet20", 9, 269_722), ("resnet32", 15, 464_154), ("resnet44", 21, 658_586),
-     ("resnet56", 27, 853_018), ("resnet110", 54, 1_727_962)],
+    [
+        ("resnet20", 9, 269_722),
+        ("resnet32", 15, 464_154),
+        ("resnet44", 21, 658_586),
+        ("resnet56", 27, 853_018),
+        ("resnet110", 54, 1_727_962),
+    ],
 )
 def test_cifar_resnets_have_the_papers_sizes(name, blocks, params):
     m = cg.create_model(name)

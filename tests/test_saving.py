@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import randomize, rel_diff
 from safetensors.torch import save_file
 from torch import nn
 
@@ -25,6 +24,8 @@ import consensus_gates as cg
 import consensus_gates.saving as saving
 from consensus_gates import LayerGate, ModelFileError
 from consensus_gates.saving import read_spec
+
+from conftest import randomize, rel_diff
 
 TESTS_DIR = Path(__file__).resolve().parent
 TOL = 1e-6

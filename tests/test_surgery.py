@@ -7,6 +7,7 @@ import torch
 import torch.fx as fx
 
 import consensus_gates as cg
+
 from conftest import randomize, rel_diff
 
 TOL = 1e-5  # max abs difference relative to the output's max abs
