@@ -1,0 +1,84 @@
+"""README's commands and code, and the examples, run as written."""
+
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", README, re.S)
+
+
+def test_ci_runs_the_readme_test_command():
+    test_cmd = _bash_blocks()[1].strip().split("&&")[-1].strip()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_cmd == ".venv/bin/python -m pytest"
+    assert any(line.strip() == test_cmd for line in ci.splitlines())
+
+
+def test_readme_main_command_runs_the_quickstart():
+    main_cmd = _bash_blocks()[0]
+    assert "examples/fashion_mnist_quickstart.py --data-root ../shared/data" in main_cmd
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The resnet50 snippet: gate, 3 training steps, consensus, slim, save, export."""
+    (code,) = re.findall(r"```python\n(.*?)```", README, re.S)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    cg, gated, slim = namespace["cg"], namespace["gated"], namespace["slim"]
+    assert len(gated.gates) == 16
+    assert not any(isinstance(m, cg.LayerGate) for m in slim.modules())
+    assert (tmp_path / "slim.safetensors").is_file() and (tmp_path / "slim.pt2").is_file()
+
+
+def _write_idx(path: Path, data: torch.Tensor) -> None:
+    magic = 2051 if data.dim() == 3 else 2049  # images / labels, as in the MNIST format
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in data.shape)
+    path.write_bytes(header + data.to(torch.uint8).numpy().tobytes())
+
+
+def fake_fashion_mnist(root: Path, n_train: int = 256, n_test: int = 128) -> Path:
+    """A small Fashion-MNIST in torchvision's on-disk layout (FashionMNIST/raw/*-ubyte)."""
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 10, (n,))
+        # class-dependent images, so a few steps can learn something
+        images = (torch.rand(n, 28, 28) * 60 + labels.view(-1, 1, 1) * 19).clamp(0, 255)
+        _write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+def test_quickstart_example_end_to_end(tmp_path):
+    root = fake_fashion_mnist(tmp_path / "data")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(ROOT / "examples" / "fashion_mnist_quickstart.py"),
+        "--data-root", str(root), "--epochs", "2", "--subset", "0", "--batch", "32",
+        "--out", str(out),
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "MFLOPs per image" in run.stdout and "gates open" in run.stdout
+    assert (out / "slim.safetensors").is_file() and (out / "slim.pt2").is_file()
+
+
+def test_quickstart_example_says_where_the_data_should_be(tmp_path):
+    cmd = [sys.executable, str(ROOT / "examples" / "fashion_mnist_quickstart.py"),
+           "--data-root", str(tmp_path)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "FashionMNIST/raw" in run.stderr and "--data-root" in run.stderr
