@@ -23,125 +23,50 @@ ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
 
 # Ops whose tensor output depends on their input's shape only.
 SHAPE_ONLY_FUNCTIONS = {
-    torch.zeros_like,
-    torch.ones_like,
-    torch.empty_like,
-    torch.full_like,
-    torch.rand_like,
-    torch.randn_like,
-    torch.randint_like,
-}
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+    torch.rand_like, torch.randn_like, torch.randint_like,
+}  # fmt: skip
 SHAPE_ONLY_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
 
-# Ops that mix information across channels, positions or tokens: a branch needs one.
-MIXING_FUNCTIONS = {
-    F.conv1d,
-    F.conv2d,
-    F.conv3d,
-    F.conv_transpose1d,
-    F.conv_transpose2d,
-    F.conv_transpose3d,
-    F.linear,
-    F.bilinear,
-    torch.matmul,
-    torch.bmm,
-    torch.mm,
-    torch.einsum,
-    torch.baddbmm,
-    torch.addmm,
-    torch.addbmm,
-    operator.matmul,
-    F.scaled_dot_product_attention,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-    F.adaptive_max_pool3d,
-    F.lp_pool2d,
-}
-MIXING_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear}
+POOL_FUNCTIONS = {
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool2d,
+}  # fmt: skip
 POOL_MODULES = (
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.modules.pooling._LPPoolNd,
-)
+)  # fmt: skip
+
+# Ops that mix information across channels, positions or tokens: a branch needs one.
+MIXING_FUNCTIONS = CONV_FUNCTIONS | POOL_FUNCTIONS | {
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.bilinear,
+    torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm, torch.addmm, torch.addbmm,
+    operator.matmul, F.scaled_dot_product_attention,
+}  # fmt: skip
+MIXING_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
 ELEMENTWISE_FUNCTIONS = {
-    operator.add,
-    operator.sub,
-    operator.mul,
-    operator.truediv,
-    operator.iadd,
-    operator.imul,
-    torch.add,
-    torch.sub,
-    torch.mul,
-    torch.div,
-    torch.addcmul,
-    torch.addcdiv,
-    torch.where,
-}
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+    torch.add, torch.sub, torch.mul, torch.div, torch.addcmul, torch.addcdiv, torch.where,
+}  # fmt: skip
 
 # What a projection shortcut may be made of: conv/linear, norm, pooling, resampling, padding,
 # slicing and reshaping (ResNet-B/D, CIFAR option A, GhostNet, RegNet, ...).
 SHORTCUT_MODULES = (
-    nn.modules.conv._ConvNd,
-    nn.Linear,
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.Identity,
-    nn.Upsample,
-    nn.Flatten,
-    nn.modules.dropout._DropoutNd,
+    nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+    nn.GroupNorm, nn.Identity, nn.Upsample, nn.Flatten, nn.modules.dropout._DropoutNd,
     *POOL_MODULES,
-)
-SHORTCUT_FUNCTIONS = {
-    F.pad,
-    operator.getitem,
-    torch.cat,
-    torch.flatten,
-    F.interpolate,
-    F.batch_norm,
-    F.layer_norm,
-    F.group_norm,
-    F.conv1d,
-    F.conv2d,
-    F.conv3d,
-    F.linear,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.adaptive_avg_pool2d,
-    torch.nn.functional.pixel_unshuffle,
-}
+)  # fmt: skip
+SHORTCUT_FUNCTIONS = CONV_FUNCTIONS | POOL_FUNCTIONS | {
+    F.pad, operator.getitem, torch.cat, torch.flatten, F.interpolate, F.batch_norm,
+    F.layer_norm, F.group_norm, F.pixel_unshuffle,
+}  # fmt: skip
 SHORTCUT_METHODS = {
-    "view",
-    "reshape",
-    "permute",
-    "transpose",
-    "contiguous",
-    "flatten",
-    "to",
-    "type_as",
-    "float",
-    "half",
-    "bfloat16",
-    "expand",
-    "repeat",
-    "__getitem__",
-}
+    "view", "reshape", "permute", "transpose", "contiguous", "flatten", "to", "type_as",
+    "float", "half", "bfloat16", "expand", "repeat", "__getitem__",
+}  # fmt: skip
 MAX_SHORTCUT_OPS = 4
 
 
@@ -257,15 +182,9 @@ class _Graph:
             return True
         # e.g. a wrapped attention function fed with a weight matrix
         return n.target not in ELEMENTWISE_FUNCTIONS and any(
-            a.op == "get_attr" and getattr(self._attr(a), "dim", lambda: 0)() >= 2
+            a.op == "get_attr" and _is_matrix(operator.attrgetter(a.target)(self.gm))
             for a in n.all_input_nodes
         )
-
-    def _attr(self, n: fx.Node):
-        obj = self.gm
-        for part in n.target.split("."):
-            obj = getattr(obj, part)
-        return obj
 
     def shortcut_op(self, n: fx.Node) -> bool:
         if n.op == "call_module":
@@ -273,6 +192,10 @@ class _Graph:
         if n.op == "call_method":
             return n.target in SHORTCUT_METHODS
         return n.op == "call_function" and n.target in SHORTCUT_FUNCTIONS
+
+
+def _is_matrix(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() >= 2
 
 
 def _flatten_sum(
