@@ -74,6 +74,7 @@ def _drop_operand(graph: fx.Graph, scaled: fx.Node) -> None:
         with graph.inserting_before(merge):
             result = graph.call_function(operator.mul, (skip, alpha))
     merge.replace_all_uses_with(result)
+    graph.erase_node(merge)  # an in-place merge (out.add_(x)) would otherwise survive DCE
 
 
 def _drop_identities(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:

@@ -1,5 +1,7 @@
 """The block finder on synthetic topologies (tests/synthetic_models.py) and torchvision."""
 
+import random
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ import consensus_gates as cg
 from consensus_gates.blocks import find_blocks
 from consensus_gates.tracing import record_shapes, trace
 
+from conftest import randomize, rel_diff
 from synthetic_models import CASES
 
 
@@ -23,14 +26,22 @@ def test_synthetic_topologies(case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.expected_blocks], ids=lambda c: c.name)
-def test_synthetic_positives_gate_and_stay_exact(case):
-    model = case.factory().eval()
+def test_user_written_models_gate_and_cut_exactly(case):
+    model = randomize(case.factory()).eval()
     x = torch.randn(*case.input_shape)
     gated = cg.insert_gates(model, x).eval()
     assert len(gated.gates) == case.expected_blocks
     cg.fix_decisions(gated, dict.fromkeys(gated.gates, True))
     with torch.no_grad():
         torch.testing.assert_close(gated(x), model(x), rtol=1e-6, atol=0)
+    rng = random.Random(0)
+    patterns = [dict.fromkeys(gated.gates, False)]
+    patterns += [{n: rng.random() < 0.5 for n in gated.gates} for _ in range(20)]
+    for decisions in patterns:
+        cg.fix_decisions(gated, decisions)
+        slim = cg.materialize(gated, decisions).eval()
+        with torch.no_grad():
+            assert rel_diff(gated(x), slim(x)) <= 1e-5, decisions
 
 
 def test_refusals_say_why():
