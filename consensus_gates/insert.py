@@ -64,7 +64,8 @@ def insert_gates(
         TracingError: torch.fx cannot trace a module (the message names it).
         InputError: `example_inputs` does not fit the model.
     """
-    if isinstance(unwrap(model), GatedModel):
+    model = unwrap(model)
+    if isinstance(model, GatedModel):
         raise ValueError("this model already has gates; call insert_gates on the original model")
     config = config or GateConfig()
     inputs = as_input_tuple(example_inputs)
@@ -145,12 +146,14 @@ def _wire(graph: fx.Graph, b: Branch, target: str) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel wrapper."""
-    return (
-        model.module
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
-        else model
-    )
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
 
 
 def require_gated(model: nn.Module) -> GatedModel:

@@ -108,3 +108,14 @@ def test_cuda_gated_and_slim_stay_on_device():
     assert all(p.is_cuda for p in slim.parameters())
     with torch.no_grad():
         assert rel_diff(gated(x), slim(x)) <= 1e-5
+
+
+def test_wrapped_models_are_unwrapped():
+    model = randomize(cg.create_model("resnet20")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for wrapped in (torch.compile(model), nn.DataParallel(model)):
+        gated = cg.insert_gates(wrapped, x).eval()
+        assert len(gated.gates) == 9
+        cg.fix_decisions(gated, dict.fromkeys(gated.gates, True))
+        with torch.no_grad():
+            assert rel_diff(model(x), gated(x)) <= 1e-6
