@@ -1,4 +1,9 @@
-"""The gating module: a tiny per-sample MLP on the pooled block input, ending in a binary head."""
+"""Gating modules: a tiny per-sample MLP on a pooled feature map, ending in a binary head.
+
+A `LayerGate` makes one decision per sample for a whole residual branch; a `ChannelGate`
+makes one per channel. Both keep running open rates, like BatchNorm's running statistics,
+and can be pinned to fixed decisions.
+"""
 
 from __future__ import annotations
 
@@ -11,34 +16,48 @@ from .config import GateConfig
 from .heads import make_head
 
 
-class LayerGate(nn.Module):
-    """Decides, per sample, whether a residual branch runs: ``skip + g(x) * branch``.
+class Gate(nn.Module):
+    """Shared machinery: pool the input over all but batch and `feature_dim`, run the MLP
+    (``fc2`` is its output layer; ``fc1``, ``bn``, ``relu`` exist with two FC layers) and the
+    head, and return a mask that broadcasts against the gated tensor."""
 
-    Paper Table 2: global average pool, Linear(C, 16), BatchNorm1d, ReLU, Linear(16, 1), head.
-    During training it keeps a running open rate, like BatchNorm's running statistics;
-    `consensus` reads it. `fix_decisions` can pin its output to open or closed.
-    """
+    units: int  # decisions per sample
 
     def __init__(
-        self, name: str, channels: int, feature_dim: int | None, out_ndim: int, config: GateConfig
+        self,
+        name: str,
+        channels: int,
+        units: int,
+        feature_dim: int | None,
+        out_ndim: int,
+        fc_layers: int,
+        config: GateConfig,
     ):
         super().__init__()
         self.name = name
+        self.units = units
         self.feature_dim = feature_dim  # None: the input is already (B, C)
         self.out_ndim = out_ndim
         self.momentum = config.momentum
-        self.fc1 = nn.Linear(channels, config.hidden)
-        self.bn = nn.BatchNorm1d(config.hidden)
-        self.relu = nn.ReLU()
-        self.fc2 = nn.Linear(config.hidden, 1)
+        width = channels
+        if fc_layers == 2:
+            self.fc1 = nn.Linear(channels, config.hidden)
+            self.bn = nn.BatchNorm1d(config.hidden)
+            self.relu = nn.ReLU()
+            width = config.hidden
+        self.fc2 = nn.Linear(width, units)
         nn.init.constant_(self.fc2.bias, config.init_bias)
         self.head = make_head(config)
-        self.register_buffer("running_open_rate", torch.ones(()))
+        shape = self.rate_shape()
+        self.register_buffer("running_open_rate", torch.ones(shape))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
-        # Marginal fvcore FLOPs of the branch; -1 until `branch_costs` has measured it.
+        # Marginal fvcore FLOPs of what the gate controls; -1 until `branch_costs` measures it.
         self.register_buffer("branch_flops", torch.full((), -1, dtype=torch.long))
-        self.fixed: bool | None = None
-        self.decisions: Tensor | None = None  # this forward's per-sample decisions, (B,)
+        self.fixed: Any = None  # a pinned decision, see `fix_decisions`
+        self.decisions: Tensor | None = None  # this forward's per-sample decisions
+
+    def rate_shape(self) -> tuple[int, ...]:
+        return (self.units,)
 
     def pool(self, x: Tensor) -> Tensor:
         if self.feature_dim is None:
@@ -46,26 +65,33 @@ class LayerGate(nn.Module):
         dims = [d for d in range(1, x.dim()) if d != self.feature_dim]
         return x.mean(dim=dims) if dims else x
 
+    def logits(self, pooled: Tensor) -> Tensor:
+        if hasattr(self, "fc1"):
+            pooled = self.relu(self.bn(self.fc1(pooled)))
+        return self.fc2(pooled)
+
     def forward(self, x: Tensor) -> Tensor:
         batch = x.shape[0]
         if self.fixed is not None:
-            d = x.new_full((batch,), float(self.fixed))
+            d = x.new_tensor(self.fixed, dtype=x.dtype).expand(batch, *self.rate_shape())
         else:
             if self.training and batch < 2:
                 raise ValueError(
                     f"gate '{self.name}' got a batch of 1 in training mode; its BatchNorm1d "
                     "needs at least 2 samples. Train with larger batches, or call .eval()."
                 )
-            logit = self.fc2(self.relu(self.bn(self.fc1(self.pool(x))))).squeeze(1)
-            d = self.head(logit)
+            d = self.head(self.logits(self.pool(x)).reshape(batch, *self.rate_shape()))
             if self.training:
                 self._track(d.detach())
         self.decisions = d
-        return d.view(batch, *([1] * (self.out_ndim - 1)))
+        return self.mask(d)
+
+    def mask(self, d: Tensor) -> Tensor:
+        raise NotImplementedError
 
     @torch.no_grad()
     def _track(self, d: Tensor) -> None:
-        rate = d.float().mean().to(self.running_open_rate.dtype)
+        rate = d.float().mean(0).to(self.running_open_rate.dtype)
         self.num_batches_tracked += 1
         weight = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
         self.running_open_rate.lerp_(rate, weight)
@@ -74,6 +100,55 @@ class LayerGate(nn.Module):
         # `decisions` can hold autograd history, which deepcopy and pickle refuse.
         return {**self.__dict__, "decisions": None}
 
+
+class LayerGate(Gate):
+    """Decides, per sample, whether a residual branch runs: ``skip + g(x) * branch``.
+
+    Paper Table 2: global average pool of the block input, Linear(C, 16), BatchNorm1d, ReLU,
+    Linear(16, 1), head. ``fixed`` is None, True (open) or False (closed).
+    """
+
+    def __init__(
+        self, name: str, channels: int, feature_dim: int | None, out_ndim: int, config: GateConfig
+    ):
+        super().__init__(name, channels, 1, feature_dim, out_ndim, 2, config)
+
+    def rate_shape(self) -> tuple[int, ...]:
+        return ()
+
+    def mask(self, d: Tensor) -> Tensor:
+        return d.view(d.shape[0], *([1] * (self.out_ndim - 1)))
+
     def extra_repr(self) -> str:
         fixed = "" if self.fixed is None else f", fixed={'open' if self.fixed else 'closed'}"
         return f"name={self.name!r}{fixed}"
+
+
+class ChannelGate(Gate):
+    """Decides, per sample and channel, which channels of a feature map pass.
+
+    Paper Table 2: pool, then one Linear(C, C) (``fc_layers=1``) or Linear(C, 16),
+    BatchNorm1d, ReLU, Linear(16, C) (``fc_layers=2``), head. The mask multiplies the gated
+    tensor along `channel_dim`. ``fixed`` is None or a tuple of C booleans.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        channels: int,
+        channel_dim: int,
+        out_ndim: int,
+        fc_layers: int,
+        config: GateConfig,
+    ):
+        super().__init__(name, channels, channels, channel_dim, out_ndim, fc_layers, config)
+        self.channel_dim = channel_dim
+
+    def mask(self, d: Tensor) -> Tensor:
+        shape = [d.shape[0]] + [1] * (self.out_ndim - 1)
+        shape[self.channel_dim] = self.units
+        return d.view(shape)
+
+    def extra_repr(self) -> str:
+        fixed = "" if self.fixed is None else f", fixed={sum(self.fixed)}/{self.units} open"
+        return f"name={self.name!r}, channels={self.units}{fixed}"
