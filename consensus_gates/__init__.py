@@ -17,7 +17,7 @@ from .config import GateConfig
 from .consensus import Consensus, consensus, fix_decisions
 from .cost import Cost, branch_costs, flops
 from .errors import InputError, ModelFileError, TracingError
-from .gates import LayerGate
+from .gates import ChannelGate, Gate, LayerGate
 from .insert import GatedModel, insert_gates
 from .losses import activation_loss, polarization_loss
 from .models import create_model, list_models, register_model
@@ -27,8 +27,10 @@ from .surgery import materialize
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelGate",
     "Consensus",
     "Cost",
+    "Gate",
     "GateConfig",
     "GatedModel",
     "InputError",

@@ -325,3 +325,145 @@ def _heaviest_child(g: _Graph, path: str, arm: set[fx.Node]) -> str:
         return sum(p.numel() for p in m.parameters()) if m is not None else 0
 
     return max(sorted(children), key=size, default="")
+
+
+# Per-channel ops: channel c of the output depends on channel c of the input only.
+CHANNELWISE_MODULES = (
+    nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Identity,
+    nn.modules.dropout._DropoutNd,
+)  # fmt: skip
+CHANNELWISE_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.hardtanh, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
+    torch.sigmoid, F.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.mish, F.dropout,
+}  # fmt: skip
+CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+
+
+@dataclass(frozen=True)
+class ChannelPoint:
+    """Where a channel gate goes: ``point``'s channels along ``channel_dim`` are masked for
+    ``users``; ``source`` is what the gate reads."""
+
+    name: str
+    point: fx.Node
+    source: fx.Node
+    users: tuple[fx.Node, ...]
+    channel_dim: int
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels == m.out_channels > 1
+    )
+
+
+def is_dense_layer(m: nn.Module | None) -> bool:
+    """A layer whose channels torch-pruning can cut arbitrarily: Linear or an ungrouped conv."""
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1)
+
+
+def is_channelwise(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if n.op == "call_module":
+        m = modules[n.target]
+        return isinstance(m, CHANNELWISE_MODULES) or _is_depthwise(m)
+    return (n.op == "call_function" and n.target in CHANNELWISE_FUNCTIONS) or (
+        n.op == "call_method" and n.target in CHANNELWISE_METHODS
+    )
+
+
+def producer_chain(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
+    """`node`, then the per-channel ops before it, up to the dense layer (conv or linear)
+    whose output channels reach `node`; None if something else is on the way."""
+    chain = []
+    while True:
+        chain.append(node)
+        if node.op == "call_module" and is_dense_layer(modules[node.target]):
+            return chain
+        if not is_channelwise(node, modules) or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+
+
+class _ChannelFacts(_Graph):
+    def module(self, n: fx.Node) -> nn.Module | None:
+        return self.modules.get(n.target) if n.op == "call_module" else None
+
+    def channelwise(self, n: fx.Node) -> bool:
+        return is_channelwise(n, self.modules)
+
+    def dominates(self, a: fx.Node, n: fx.Node | None) -> bool:
+        while n is not None:
+            if n is a:
+                return True
+            n = self.idom.get(n)
+        return False
+
+    def consumes_cleanly(self, point: fx.Node, user: fx.Node) -> bool:
+        """Cutting a channel of `point` is exact for `user`: a dense layer or pooling reads it,
+        or an elementwise product with a value computed from `point` alone (an SE scale)."""
+        m = self.module(user)
+        if m is not None:
+            return is_dense_layer(m) or isinstance(m, POOL_MODULES)
+        if user.op == "call_function" and user.target in POOL_FUNCTIONS:
+            return True
+        factors = [a for a in user.args if a is not point]
+        return (
+            user.op == "call_function"
+            and user.target in (operator.mul, torch.mul)
+            and all(isinstance(a, fx.Node) and a in self.data and self.dominates(point, a)
+                    for a in factors)
+        )  # fmt: skip
+
+    def chain_end(self, producer: fx.Node, inside: frozenset[fx.Node]) -> fx.Node:
+        """Follow single-use per-channel ops (BN, activations, depthwise convs) from a layer."""
+        end = producer
+        while len(end.users) == 1:
+            (user,) = end.users
+            if user not in inside or not self.channelwise(user):
+                break
+            end = user
+        return end
+
+    def channel_dim(self, layer: fx.Node, ndim: int) -> int:
+        return ndim - 1 if isinstance(self.module(layer), nn.Linear) else 1
+
+
+def _relative(target: str, block: str) -> str:
+    prefix = block.split("#")[0] + "."
+    return target[len(prefix) :] if target.startswith(prefix) else target
+
+
+def find_channel_points(
+    gm: fx.GraphModule, branches: list[Branch], position: str, num_inputs: int = 1
+) -> dict[str, list[ChannelPoint]]:
+    """Channel-gate points of each branch (see `GateConfig.position`); blocks where no point
+    can be cut exactly get none."""
+    g = _ChannelFacts(gm, num_inputs)
+    found: dict[str, list[ChannelPoint]] = {}
+    for b in branches:
+        points: list[ChannelPoint] = []
+        if position == "middle":
+            for node in sorted(b.nodes, key=g.order.__getitem__):
+                if not is_dense_layer(g.module(node)):
+                    continue
+                end = g.chain_end(node, b.nodes)
+                users = tuple(end.users)
+                if end is b.output or not users or not all(u in b.nodes for u in users):
+                    continue
+                if all(g.consumes_cleanly(end, u) for u in users):
+                    dim = g.channel_dim(node, len(end.meta["cg_shape"]))
+                    name = f"{b.name}/{_relative(node.target, b.name)}"
+                    points.append(ChannelPoint(name, end, end, users, dim))
+        elif position == "after":
+            chain = producer_chain(b.output, g.modules)
+            if chain is not None and set(chain) <= b.nodes:
+                dim = g.channel_dim(chain[-1], len(b.output.meta["cg_shape"]))
+                points.append(ChannelPoint(f"{b.name}/after", b.output, b.output, (b.merge,), dim))
+        else:
+            users = tuple(u for u in b.input.users if u in b.nodes)
+            if users and all(is_dense_layer(g.module(u)) for u in users):
+                dim = g.channel_dim(users[0], len(b.input.meta["cg_shape"]))
+                points.append(ChannelPoint(f"{b.name}/before", b.input, b.input, users, dim))
+        found[b.name] = points
+    return found

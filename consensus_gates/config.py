@@ -7,6 +7,10 @@ from typing import Any, Literal
 
 Head = Literal["ste", "gumbel", "bernoulli"]
 HEADS = ("ste", "gumbel", "bernoulli")
+Mode = Literal["layer", "channel", "both"]
+MODES = ("layer", "channel", "both")
+Position = Literal["middle", "after", "before"]
+POSITIONS = ("middle", "after", "before")
 
 
 @dataclass(frozen=True)
@@ -14,7 +18,14 @@ class GateConfig:
     """How `insert_gates` builds each gate.
 
     Attributes:
-        mode: ``"layer"``: one gate per residual branch (paper Table 2).
+        mode: ``"layer"``: one gate per residual branch; ``"channel"``: gates that decide per
+            channel (paper Table 2); ``"both"``: both kinds on the same blocks.
+        position: where channel gates sit: ``"middle"``: the block's internal widths (each
+            conv's or linear's output that feeds another conv/linear inside the branch);
+            ``"after"``: the branch output, before the residual add; ``"before"``: the block
+            input as the branch sees it.
+        fc_layers: 1 (Linear(C, C)) or 2 (Linear(C, hidden), BN, ReLU, Linear(hidden, C))
+            for channel gates. Layer gates always use the paper's two.
         head: how a logit becomes a binary decision: ``"ste"`` (straight-through),
             ``"gumbel"`` (binary concrete, hard forward, soft gradient) or ``"bernoulli"``
             (open when the logit is above the batch mean).
@@ -26,7 +37,9 @@ class GateConfig:
         exclude: fnmatch patterns of gate names to leave ungated, e.g. ``("layer1.*",)``.
     """
 
-    mode: Literal["layer"] = "layer"
+    mode: Mode = "layer"
+    position: Position = "middle"
+    fc_layers: int = 1
     head: Head = "ste"
     hidden: int = 16
     tau: float = 1.0
@@ -35,8 +48,14 @@ class GateConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.mode != "layer":
-            raise ValueError(f"GateConfig.mode must be 'layer', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"GateConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(
+                f"GateConfig.position must be one of {POSITIONS}, got {self.position!r}"
+            )
+        if self.fc_layers not in (1, 2):
+            raise ValueError(f"GateConfig.fc_layers must be 1 or 2, got {self.fc_layers}")
         if self.head not in HEADS:
             raise ValueError(f"GateConfig.head must be one of {HEADS}, got {self.head!r}")
         if self.hidden < 1:

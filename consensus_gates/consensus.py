@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from .gates import Gate, LayerGate
 from .insert import require_gated
 
 
@@ -14,38 +16,70 @@ from .insert import require_gated
 class Consensus:
     """The shared decision of every gate: open iff its running open rate ≥ the threshold.
 
-    ``agreement`` is the fraction of samples that agree with that decision,
-    ``max(rate, 1 - rate)``: 1.0 for a perfectly polarized gate, 0.5 for a coin toss.
+    A layer gate's decision is a bool; a channel gate's is a tuple of bools, one per channel
+    (and its open rate a tuple of floats). ``agreement`` is the fraction of samples that agree
+    with the decision, ``max(rate, 1 - rate)`` (averaged over channels): 1.0 for a perfectly
+    polarized gate, 0.5 for a coin toss.
     """
 
-    decisions: dict[str, bool]
-    open_rate: dict[str, float]
+    decisions: dict[str, bool | tuple[bool, ...]]
+    open_rate: dict[str, float | tuple[float, ...]]
     agreement: dict[str, float]
 
     @property
     def open_ratio(self) -> float:
-        return sum(self.decisions.values()) / max(len(self.decisions), 1)
+        """The mean over gates of the fraction of their units (block or channels) kept."""
+        fractions = [_fraction(d) for d in self.decisions.values()]
+        return sum(fractions) / max(len(fractions), 1)
 
     def __str__(self) -> str:
-        rows = [f"{'gate':<40} {'decision':>8} {'open rate':>9} {'agreement':>9}"]
+        rows = [f"{'gate':<40} {'decision':>10} {'open rate':>9} {'agreement':>9}"]
         for name, d in self.decisions.items():
-            rows.append(
-                f"{name:<40} {'open' if d else 'closed':>8} "
-                f"{self.open_rate[name]:>9.3f} {self.agreement[name]:>9.3f}"
-            )
-        rows.append(f"{sum(self.decisions.values())}/{len(self.decisions)} gates open")
+            rate = self.open_rate[name]
+            if isinstance(d, tuple):
+                shown, rate = f"{sum(d)}/{len(d)} open", sum(rate) / len(rate)
+            else:
+                shown = "open" if d else "closed"
+            rows.append(f"{name:<40} {shown:>10} {rate:>9.3f} {self.agreement[name]:>9.3f}")
+        kept = sum(_fraction(d) == 1 for d in self.decisions.values())
+        rows.append(
+            f"{kept}/{len(self.decisions)} gates fully open, open ratio {self.open_ratio:.3f}"
+        )
         return "\n".join(rows)
+
+
+def _fraction(decision: bool | tuple[bool, ...]) -> float:
+    return sum(decision) / len(decision) if isinstance(decision, tuple) else float(decision)
 
 
 def consensus(model: nn.Module, threshold: float = 0.5) -> Consensus:
     """The consensus sub-network: each gate is open iff its running open rate ≥ `threshold`."""
     gates = require_gated(model).gates
-    rate = {name: float(g.running_open_rate) for name, g in gates.items()}
-    return Consensus(
-        decisions={n: r >= threshold for n, r in rate.items()},
-        open_rate=rate,
-        agreement={n: max(r, 1 - r) for n, r in rate.items()},
-    )
+    decisions, rates, agreement = {}, {}, {}
+    for name, g in gates.items():
+        r = g.running_open_rate.float().cpu()
+        agreement[name] = float(torch.maximum(r, 1 - r).mean())
+        if r.dim() == 0:
+            rates[name], decisions[name] = float(r), bool(r >= threshold)
+        else:
+            rates[name] = tuple(r.tolist())
+            decisions[name] = tuple(bool(v) for v in (r >= threshold).tolist())
+    return Consensus(decisions, rates, agreement)
+
+
+def normalize_decision(gate: Gate, value) -> bool | tuple[bool, ...]:
+    """A layer gate's decision as a bool; a channel gate's as a tuple of one bool per channel
+    (a single bool applies to every channel)."""
+    if isinstance(gate, LayerGate):
+        return bool(value)
+    if isinstance(value, bool):
+        return (value,) * gate.units
+    values = tuple(bool(v) for v in (value.tolist() if torch.is_tensor(value) else value))
+    if len(values) != gate.units:
+        raise ValueError(
+            f"gate '{gate.name}' has {gate.units} channels; got {len(values)} decisions"
+        )
+    return values
 
 
 def resolve_decisions(
@@ -60,7 +94,7 @@ def resolve_decisions(
     if unknown:
         raise KeyError(f"no gate named {unknown}; the gates are {list(gates)}")
     base = consensus(model).decisions
-    return {name: bool(given.get(name, base[name])) for name in gates}
+    return {name: normalize_decision(g, given.get(name, base[name])) for name, g in gates.items()}
 
 
 def fix_decisions(model: nn.Module, decisions: Mapping[str, bool] | Consensus | None) -> None:

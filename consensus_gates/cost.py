@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections import OrderedDict
@@ -10,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .insert import META_KEY, require_gated
+from .consensus import normalize_decision
+from .gates import LayerGate
+from .insert import example_inputs_of, require_gated
 from .surgery import slim_graph_module
 from .tracing import as_input_tuple
 
@@ -56,32 +59,29 @@ def flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -> Cost
     return Cost(total, sum(p.numel() for p in model.parameters()))
 
 
-def example_inputs_of(model: nn.Module) -> tuple[Tensor, ...]:
-    """Random inputs of the shapes given to `insert_gates`, batch size 1."""
-    spec = require_gated(model).meta[META_KEY]["inputs"]
-    ref = next(model.parameters())
-    return tuple(
-        torch.randn(1, *s["shape"][1:], dtype=getattr(torch, s["dtype"]), device=ref.device)
-        for s in spec
-    )
-
-
 def branch_costs(model: nn.Module, example_inputs=None) -> OrderedDict[str, Cost]:
-    """What each gated branch costs: the drop in FLOPs and parameters when it alone is cut.
+    """What each gate controls: the drop in FLOPs and parameters when it alone is closed (a
+    channel gate: all its channels).
 
     Measured with fvcore on the materialized model (per sample unless `example_inputs` says
-    otherwise), so ``flops(materialize(g, d))`` equals the all-open count minus the closed
-    branches' costs. Also stores each gate's FLOPs in its ``branch_flops`` buffer.
+    otherwise), so for layer gates ``flops(materialize(g, d))`` equals the all-open count minus
+    the closed branches' costs. Also stores each gate's FLOPs in its ``branch_flops`` buffer.
     """
     gated = require_gated(model)
     inputs = (
         as_input_tuple(example_inputs) if example_inputs is not None else example_inputs_of(gated)
     )
-    names = list(gated.gates)
-    all_open = dict.fromkeys(names, True)
-    base = flops(slim_graph_module(gated, all_open), inputs)
+    gates = gated.gates
+    all_open = {n: normalize_decision(g, True) for n, g in gates.items()}
+    # channel cuts prune weights in place, so they work on a copy; layer cuts only rewire
+    share = all(isinstance(g, LayerGate) for g in gates.values())
+
+    def cost(decisions: dict) -> Cost:
+        return flops(slim_graph_module(gated if share else copy.deepcopy(gated), decisions), inputs)
+
+    base = cost(all_open)
     costs = OrderedDict()
-    for name, gate in gated.gates.items():
-        costs[name] = base - flops(slim_graph_module(gated, {**all_open, name: False}), inputs)
+    for name, gate in gates.items():
+        costs[name] = base - cost({**all_open, name: normalize_decision(gate, False)})
         gate.branch_flops.fill_(costs[name].flops)
     return costs

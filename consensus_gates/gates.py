@@ -138,11 +138,15 @@ class ChannelGate(Gate):
         channels: int,
         channel_dim: int,
         out_ndim: int,
+        position: str,
+        block: str,
         fc_layers: int,
         config: GateConfig,
     ):
         super().__init__(name, channels, channels, channel_dim, out_ndim, fc_layers, config)
         self.channel_dim = channel_dim
+        self.position = position  # "middle", "after" or "before": how surgery cuts it
+        self.block = block  # the residual branch it belongs to
 
     def mask(self, d: Tensor) -> Tensor:
         shape = [d.shape[0]] + [1] * (self.out_ndim - 1)

@@ -7,16 +7,18 @@ import operator
 from collections import OrderedDict
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .blocks import Branch, find_blocks
+from .blocks import Branch, ChannelPoint, find_blocks, find_channel_points
 from .config import GateConfig
-from .gates import LayerGate
+from .gates import ChannelGate, Gate, LayerGate
 from .models.registry import SOURCE_ATTR
 from .tracing import LeafSpec, as_input_tuple, record_shapes, trace
 
 META_KEY = "consensus_gates"
+BRANCH_KEY = "cg_branch_output"
 GATES_ATTR = "gate_modules"
 
 CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
@@ -29,8 +31,8 @@ class GatedModel(fx.GraphModule):
     """
 
     @property
-    def gates(self) -> OrderedDict[str, LayerGate]:
-        return OrderedDict((m.name, m) for m in self.modules() if isinstance(m, LayerGate))
+    def gates(self) -> OrderedDict[str, Gate]:
+        return OrderedDict((m.name, m) for m in self.modules() if isinstance(m, Gate))
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -86,12 +88,27 @@ def insert_gates(
             )
         )
 
+    points = {}
+    if config.mode != "layer":
+        points = find_channel_points(gm, branches, config.position, len(inputs))
+        if config.mode == "channel" and not any(points.values()):
+            raise ValueError(
+                f"no channel of {type(model).__name__} can be gated at position="
+                f"'{config.position}' and cut exactly (a dense conv or linear must produce or "
+                "consume it); try another position, or mode='layer'"
+            )
     gates = nn.Module()
     gm.add_module(GATES_ATTR, gates)
     for b in branches:
-        attr = b.name.replace(".", "_").replace("#", "_")
-        gates.add_module(attr, _make_gate(gm, b, config))
-        _wire(gm.graph, b, f"{GATES_ATTR}.{attr}")
+        output = b.output
+        b.output.meta[BRANCH_KEY] = b.name  # surgery finds fully closed branches by it
+        for p in points.get(b.name, []):
+            gate = _make_channel_gate(p, b.name, config)
+            masked = _wire_channel(gm.graph, p, _register(gates, gate))
+            if p.point is output and config.position == "after":
+                output = masked
+        if config.mode != "channel":
+            _wire(gm.graph, b, _register(gates, _make_gate(gm, b, config)), output)
     gm.graph.lint()
     gated = GatedModel(gm, gm.graph, class_name=f"Gated{type(model).__name__}")
 
@@ -133,7 +150,35 @@ def _make_gate(gm: fx.GraphModule, b: Branch, config: GateConfig) -> LayerGate:
     return LayerGate(b.name, channels, fdim, len(out_shape), config)
 
 
-def _wire(graph: fx.Graph, b: Branch, target: str) -> None:
+def _register(gates: nn.Module, gate: Gate) -> str:
+    attr = gate.name.replace(".", "_").replace("#", "_").replace("/", "__")
+    gates.add_module(attr, gate)
+    return f"{GATES_ATTR}.{attr}"
+
+
+def _make_channel_gate(p: ChannelPoint, block: str, config: GateConfig) -> ChannelGate:
+    shape = p.point.meta["cg_shape"]
+    return ChannelGate(
+        p.name, shape[p.channel_dim], p.channel_dim, len(shape), config.position, block,
+        config.fc_layers, config,
+    )  # fmt: skip
+
+
+def _wire_channel(graph: fx.Graph, p: ChannelPoint, target: str) -> fx.Node:
+    """Mask the point's channels for its users: ``users(point * gate(source))``."""
+    anchor = p.point
+    if anchor.op == "placeholder":
+        anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(anchor):
+        gate = graph.call_module(target, (p.source,))
+    with graph.inserting_after(gate):
+        masked = graph.call_function(operator.mul, (p.point, gate))
+    for user in p.users:
+        user.replace_input_with(p.point, masked)
+    return masked
+
+
+def _wire(graph: fx.Graph, b: Branch, target: str, output: fx.Node) -> None:
     """Compute the gate right after the block input, then scale the branch before the merge."""
     anchor = b.input
     if anchor.op == "placeholder":  # keep all placeholders first
@@ -141,8 +186,18 @@ def _wire(graph: fx.Graph, b: Branch, target: str) -> None:
     with graph.inserting_after(anchor):
         g = graph.call_module(target, (b.input,))
     with graph.inserting_before(b.merge):
-        scaled = graph.call_function(operator.mul, (b.output, g))
-    b.merge.replace_input_with(b.output, scaled)
+        scaled = graph.call_function(operator.mul, (output, g))
+    b.merge.replace_input_with(output, scaled)
+
+
+def example_inputs_of(model: nn.Module) -> tuple[Tensor, ...]:
+    """Random inputs of the shapes given to `insert_gates`, batch size 1."""
+    spec = require_gated(model).meta[META_KEY]["inputs"]
+    ref = next(model.parameters())
+    return tuple(
+        torch.randn(1, *s["shape"][1:], dtype=getattr(torch, s["dtype"]), device=ref.device)
+        for s in spec
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -166,11 +221,11 @@ def require_gated(model: nn.Module) -> GatedModel:
     return model
 
 
-def gate_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, LayerGate]]:
+def gate_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, Gate]]:
     """The graph's gate calls, in graph order."""
     modules = dict(gm.named_modules())
     return [
         (n, modules[n.target])
         for n in gm.graph.nodes
-        if n.op == "call_module" and isinstance(modules.get(n.target), LayerGate)
+        if n.op == "call_module" and isinstance(modules.get(n.target), Gate)
     ]

@@ -7,11 +7,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .gates import LayerGate
+from .gates import Gate
 from .insert import require_gated
 
 
-def _batch_means(model: nn.Module) -> tuple[list[LayerGate], Tensor]:
+def _batch_means(model: nn.Module) -> tuple[list[Gate], list[Tensor]]:
+    """Each gate's batch-mean decision: a scalar for a layer gate, one per channel otherwise."""
     gates = list(require_gated(model).gates.values())
     missing = [g.name for g in gates if g.decisions is None]
     if missing:
@@ -19,25 +20,28 @@ def _batch_means(model: nn.Module) -> tuple[list[LayerGate], Tensor]:
             "the gates have no decisions yet: run a forward pass of the gated model before "
             f"computing its losses (gates without decisions: {', '.join(missing[:3])}...)"
         )
-    return gates, torch.stack([g.decisions.float().mean() for g in gates])
+    return gates, [g.decisions.float().mean(0) for g in gates]
 
 
 def polarization_loss(model: nn.Module) -> Tensor:
     """Eq. 7: the mean over gates of ``(1 - ḡ) ḡ``, ``ḡ`` being a gate's batch-mean decision
-    in the last forward pass. Zero when every gate is open for all samples or closed for all:
-    the consensus sub-network. Differentiable through the gate heads."""
-    _, mean = _batch_means(model)
-    return ((1 - mean) * mean).mean()
+    in the last forward pass; for channel gates eq. 8, the mean over channels first. Zero when
+    every gate is open for all samples or closed for all: the consensus sub-network.
+    Differentiable through the gate heads."""
+    _, means = _batch_means(model)
+    return torch.stack([((1 - m) * m).mean() for m in means]).mean()
 
 
 def activation_loss(model: nn.Module, weight: Literal["uniform", "flops"] = "uniform") -> Tensor:
-    """Eq. 10: the mean open rate of the gates in the last forward pass.
+    """Eq. 10: the mean open rate of the gates in the last forward pass (a channel gate's open
+    rate is the mean over its channels).
 
     With ``weight="flops"`` each gate counts by the FLOPs its branch costs (fvcore), so the
     value is the expected fraction of the gated FLOPs that still run: aim at a FLOPs budget,
     not a gate count. The FLOPs are measured once, on first use (`branch_costs`).
     """
-    gates, mean = _batch_means(model)
+    gates, means = _batch_means(model)
+    mean = torch.stack([m.mean() for m in means])
     if weight == "uniform":
         return mean.mean()
     if weight != "flops":

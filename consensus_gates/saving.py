@@ -17,7 +17,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from .config import GateConfig
-from .consensus import fix_decisions
+from .consensus import normalize_decision
 from .errors import ModelFileError
 from .insert import META_KEY, GatedModel, insert_gates, unwrap
 from .models.registry import SOURCE_ATTR, create_model
@@ -154,9 +154,8 @@ def load(
         if spec["kind"] == "slim":
             model = materialize(gated, spec["decisions"])
         else:
-            fix_decisions(gated, None)
             for name, d in spec.get("fixed", {}).items():
-                gated.gates[name].fixed = d
+                gated.gates[name].fixed = normalize_decision(gated.gates[name], d)
             model = gated
     try:
         load_model(model, str(path), strict=True)

@@ -9,11 +9,16 @@ from collections.abc import Mapping
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+import torch_pruning as tp
 from torch import nn
+from torch_pruning import ops as tp_ops
+from torch_pruning.pruner import function as tp_function
 
+from .blocks import producer_chain
 from .consensus import Consensus, resolve_decisions
-from .insert import META_KEY, gate_nodes, require_gated
-from .tracing import eliminate_dead_code
+from .gates import ChannelGate, LayerGate
+from .insert import BRANCH_KEY, META_KEY, example_inputs_of, gate_nodes, require_gated
+from .tracing import eliminate_dead_code, is_inplace
 
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
 RELU_METHODS = {"relu", "relu_"}
@@ -46,12 +51,16 @@ def slim_graph_module(gated: fx.GraphModule, decisions: Mapping[str, bool]) -> f
     work = fx.GraphModule(gated, copy.deepcopy(gated.graph))  # shares modules, owns its graph
     graph = work.graph
     for node, gate in gate_nodes(work):
+        if not isinstance(gate, LayerGate):
+            continue
         (scaled,) = node.users  # mul(branch, gate), built by insert_gates
         if decisions[gate.name]:
             scaled.replace_all_uses_with(scaled.args[0])
         else:
             _drop_operand(graph, scaled)
     eliminate_dead_code(graph)
+    if any(isinstance(g, ChannelGate) for _, g in gate_nodes(work)):
+        _cut_channels(work, decisions, example_inputs_of(gated))
     left = [n.target for n, _ in gate_nodes(work)]
     if left:  # an impure user kept a gate alive: the surgery would be incomplete
         raise RuntimeError(f"internal error: gates {left} are still used after surgery")
@@ -101,3 +110,131 @@ def _drop_redundant_relus(graph: fx.Graph, modules: dict[str, nn.Module]) -> Non
         if _is_relu(n, modules) and isinstance(src, fx.Node) and _is_relu(src, modules):
             n.replace_all_uses_with(src)
             graph.erase_node(n)
+
+
+def _cut_channels(work: fx.GraphModule, decisions: Mapping, inputs) -> None:
+    """Channel surgery, after the layer gates are gone: torch-pruning removes each partly
+    closed middle group with everything coupled to it; "after" keeps the add exact with
+    ``index_add``; "before" reads the kept channels with ``index_select``."""
+    graph, modules = work.graph, dict(work.named_modules())
+    gates = [(n, g) for n, g in gate_nodes(work) if isinstance(g, ChannelGate)]
+    constants = _closed_branch_outputs(work, gates, decisions, inputs)
+    groups = []
+    for node, gate in gates:
+        (masked,) = node.users  # mul(point, gate), built by insert_gates
+        point, keep = masked.args[0], decisions[gate.name]
+        closed = [i for i, k in enumerate(keep) if not k]
+        if not closed:
+            masked.replace_all_uses_with(point)
+        elif len(closed) == len(keep):  # the whole branch is cut, as a layer gate does
+            if gate.position == "after":
+                _drop_operand(graph, masked)
+            else:
+                _replace_with_constant(work, gate, constants[gate.block])
+        elif gate.position == "middle":
+            masked.replace_all_uses_with(point)
+            groups.append((modules[producer_chain(point, modules)[-1].target], closed))
+        elif gate.position == "after":
+            for n in producer_chain(point, modules):
+                if n.op == "call_module":
+                    _prune(modules[n.target], closed, "out")
+            _scatter_into_skip(work, masked, point, gate, keep)
+        else:
+            for user in list(masked.users):
+                _prune(modules[user.target], closed, "in")
+            kept = _index_buffer(work, gate, keep)
+            with graph.inserting_before(masked):
+                selected = graph.call_function(torch.index_select, (point, gate.channel_dim, kept))
+            masked.replace_all_uses_with(selected)
+    eliminate_dead_code(graph)
+    work.recompile()
+    if groups:
+        dg = tp.DependencyGraph().build_dependency(work, example_inputs=inputs)
+        for module, closed in groups:
+            fn = (
+                tp.prune_linear_out_channels
+                if isinstance(module, nn.Linear)
+                else tp.prune_conv_out_channels
+            )
+            dg.get_pruning_group(module, fn, closed).prune()
+
+
+def _prune(module: nn.Module, idxs: list[int], side: str) -> None:
+    if not any(True for _ in module.parameters()):
+        return  # activations and dropout have nothing to cut
+    pruner = tp_function.PrunerBox[tp_ops.module2type(module)]
+    (pruner.prune_out_channels if side == "out" else pruner.prune_in_channels)(module, idxs)
+
+
+def _index_buffer(work: fx.GraphModule, gate: ChannelGate, keep) -> fx.Node:
+    name = "cg_kept_" + gate.name.replace(".", "_").replace("/", "__").replace("#", "_")
+    device = next(work.parameters()).device
+    kept = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=device)
+    work.register_buffer(name, kept)
+    first = next(n for n in work.graph.nodes if n.op != "placeholder")
+    with work.graph.inserting_before(first):
+        return work.graph.get_attr(name)
+
+
+def _scatter_into_skip(work: fx.GraphModule, masked, point, gate: ChannelGate, keep) -> None:
+    """``skip + branch`` with some branch channels cut: ``skip.index_add(dim, kept, branch)``."""
+    (merge,) = masked.users
+    if merge.args[0] is masked and merge.kwargs.get("alpha", 1) != 1:
+        raise ValueError(f"gate '{gate.name}': cannot cut channels of a branch that alpha scales")
+    skip = merge.args[1] if merge.args[0] is masked else merge.args[0]
+    kept = _index_buffer(work, gate, keep)
+    with work.graph.inserting_before(merge):
+        scattered = work.graph.call_function(
+            torch.index_add, (skip, gate.channel_dim, kept, point), dict(merge.kwargs)
+        )
+    merge.replace_all_uses_with(scattered)
+    work.graph.erase_node(merge)
+
+
+def _closed_branch_outputs(work, gates, decisions, inputs) -> dict[str, torch.Tensor]:
+    """With every channel of a middle or before gate closed, the branch outputs a constant
+    (its last layers' biases): run the gated graph once, pinned, and read it."""
+    blocks = {g.block for _, g in gates if g.position != "after" and not any(decisions[g.name])}
+    if not blocks:
+        return {}
+    saved = {g.name: g.fixed for _, g in gates}
+    for _, g in gates:
+        g.fixed = decisions[g.name]
+    outputs = {n: n.meta[BRANCH_KEY] for n in work.graph.nodes if n.meta.get(BRANCH_KEY) in blocks}
+    captured: dict[str, torch.Tensor] = {}
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in outputs:
+                captured[outputs[n]] = out[:1].detach().clone()
+            return out
+
+    was_training = work.training
+    try:
+        with torch.no_grad():
+            Capture(work.eval()).run(*inputs)
+    finally:
+        work.train(was_training)
+        for _, g in gates:
+            g.fixed = saved[g.name]
+    return captured
+
+
+def _replace_with_constant(work: fx.GraphModule, gate: ChannelGate, value: torch.Tensor) -> None:
+    """Swap the branch's output for its constant value, reduced to one value per channel
+    when it is uniform (it is unless a padded conv follows the cut)."""
+    dims = [d for d in range(value.dim()) if d != gate.channel_dim]
+    per_channel = value.mean(dim=dims, keepdim=True)
+    if torch.equal(per_channel.expand_as(value), value):
+        value = per_channel
+    name = "cg_const_" + gate.block.replace(".", "_").replace("#", "_")
+    output = next(n for n in work.graph.nodes if n.meta.get(BRANCH_KEY) == gate.block)
+    if not hasattr(work, name):
+        work.register_buffer(name, value)
+    with work.graph.inserting_after(output):
+        const = work.graph.get_attr(name)
+    output.replace_all_uses_with(const)
+    for user in const.users:  # never update the constant in place: const.add_(x) -> const.add(x)
+        if is_inplace(user) and user.args[0] is const:
+            user.target = user.target[:-1]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
 from torch import nn
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one thread per worker: two workers share the two cores
 
 
 @pytest.fixture(autouse=True)

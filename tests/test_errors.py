@@ -214,9 +214,21 @@ def test_already_gated(gated, x):
         ({"tau": -1.0}, r"tau must be > 0, got -1\.0"),
         ({"momentum": 0.0}, r"momentum must be in \(0, 1\] or None, got 0\.0"),
         ({"momentum": 2.0}, r"momentum must be in \(0, 1\] or None, got 2\.0"),
-        ({"mode": "channel"}, r"mode must be 'layer', got 'channel'"),
+        ({"mode": "width"}, r"mode must be one of \('layer', 'channel', 'both'\), got 'width'"),
+        ({"position": "inside"}, r"position must be one of \('middle', 'after', 'before'\)"),
+        ({"fc_layers": 3}, r"fc_layers must be 1 or 2, got 3"),
     ],
-    ids=["head", "hidden", "tau-zero", "tau-negative", "momentum-zero", "momentum-two", "mode"],
+    ids=[
+        "head",
+        "hidden",
+        "tau-zero",
+        "tau-negative",
+        "momentum-zero",
+        "momentum-two",
+        "mode",
+        "position",
+        "fc_layers",
+    ],
 )
 def test_gate_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=rf"GateConfig\.{message}"):
