@@ -47,8 +47,8 @@ class Gate(nn.Module):
             width = config.hidden
         self.fc2 = nn.Linear(width, units)
         nn.init.constant_(self.fc2.bias, config.init_bias)
-        self.head = make_head(config)
         shape = self.rate_shape()
+        self.head = make_head(config, shape)
         self.register_buffer("running_open_rate", torch.ones(shape))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
         # Marginal fvcore FLOPs of what the gate controls; -1 until `branch_costs` measures it.

@@ -52,17 +52,18 @@ class GumbelHead(nn.Module):
 
 
 class BernoulliHead(nn.Module):
-    """Open when the logit is above the batch mean (straight-through gradient).
-    Eval mode compares with the running mean of the batch means, as BatchNorm does."""
+    """Open when the logit is above its batch mean (per channel for channel gates), with a
+    straight-through gradient. Eval mode compares with the running mean of the batch means,
+    as BatchNorm does."""
 
-    def __init__(self, momentum: float = 0.1):
+    def __init__(self, momentum: float = 0.1, shape: tuple[int, ...] = ()):
         super().__init__()
         self.momentum = momentum
-        self.register_buffer("running_mean", torch.zeros(()))
+        self.register_buffer("running_mean", torch.zeros(shape))
 
     def forward(self, logit: Tensor) -> Tensor:
         if self.training:
-            mean = logit.mean()
+            mean = logit.mean(0)
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
         else:
@@ -70,9 +71,10 @@ class BernoulliHead(nn.Module):
         return straight_through(logit - mean)
 
 
-def make_head(config: GateConfig) -> nn.Module:
+def make_head(config: GateConfig, shape: tuple[int, ...] = ()) -> nn.Module:
+    """The head `config` names, for decisions of `shape` per sample."""
     if config.head == "gumbel":
         return GumbelHead(config.tau)
     if config.head == "bernoulli":
-        return BernoulliHead(config.momentum or 0.1)
+        return BernoulliHead(config.momentum or 0.1, shape)
     return SteHead()

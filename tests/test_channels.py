@@ -183,3 +183,31 @@ def test_consensus_per_channel_and_fixed_decisions_round_trip(tmp_path):
     with torch.no_grad():
         assert rel_diff(slim.eval()(X32), again(X32)) <= 1e-6
     assert again.get_submodule("layer2.0.conv1").out_channels == 16
+
+
+@pytest.mark.parametrize("head", ["ste", "gumbel", "bernoulli"])
+@pytest.mark.parametrize("fc_layers", [1, 2])
+def test_every_head_trains_channel_gates(head, fc_layers):
+    config = cg.GateConfig(mode="channel", head=head, fc_layers=fc_layers, init_bias=0.0)
+    gated = cg.insert_gates(cg.create_model("resnet20"), X32, config).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    out = gated(x)
+    assert all(g.decisions.shape == (8, g.units) for g in gated.gates.values())
+    loss = torch.nn.functional.cross_entropy(out, y) + cg.polarization_loss(gated)
+    (loss + cg.activation_loss(gated)).backward()
+    for name, gate in gated.gates.items():
+        assert hasattr(gate, "fc1") == (fc_layers == 2)
+        for pname, p in gate.named_parameters():
+            if head == "bernoulli" and pname == "fc2.bias":
+                continue  # logit - mean(logit) cancels it (see test_losses)
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}.{pname}"
+        assert gate.running_open_rate.shape == (gate.units,)
+
+
+def test_bernoulli_channel_gates_compare_each_channel_with_its_own_batch_mean():
+    from consensus_gates.heads import BernoulliHead
+
+    head = BernoulliHead(momentum=1.0, shape=(2,)).train()
+    logits = torch.tensor([[1.0, 10.0], [3.0, 30.0], [2.0, 50.0]])  # means 2 and 30
+    assert head(logits).tolist() == [[0, 0], [1, 0], [0, 1]]
+    assert head.running_mean.tolist() == [2.0, 30.0]
