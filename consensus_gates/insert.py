@@ -105,7 +105,7 @@ def insert_gates(
         for p in points.get(b.name, []):
             gate = _make_channel_gate(p, b.name, config)
             masked = _wire_channel(gm.graph, p, _register(gates, gate))
-            if p.point is output and config.position == "after":
+            if p.point is output:  # an "after" gate: the layer gate scales the masked output
                 output = masked
         if config.mode != "channel":
             _wire(gm.graph, b, _register(gates, _make_gate(gm, b, config)), output)
@@ -150,8 +150,20 @@ def _make_gate(gm: fx.GraphModule, b: Branch, config: GateConfig) -> LayerGate:
     return LayerGate(b.name, channels, fdim, len(out_shape), config)
 
 
+def attr_name(name: str) -> str:
+    """A gate or block name as a module attribute name (no '.', '#' or '/')."""
+    return name.replace(".", "_").replace("#", "_").replace("/", "__")
+
+
+def _anchor(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    """Where to insert code that reads `node`: right after it, but after every placeholder."""
+    if node.op != "placeholder":
+        return node
+    return [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+
 def _register(gates: nn.Module, gate: Gate) -> str:
-    attr = gate.name.replace(".", "_").replace("#", "_").replace("/", "__")
+    attr = attr_name(gate.name)
     gates.add_module(attr, gate)
     return f"{GATES_ATTR}.{attr}"
 
@@ -166,10 +178,7 @@ def _make_channel_gate(p: ChannelPoint, block: str, config: GateConfig) -> Chann
 
 def _wire_channel(graph: fx.Graph, p: ChannelPoint, target: str) -> fx.Node:
     """Mask the point's channels for its users: ``users(point * gate(source))``."""
-    anchor = p.point
-    if anchor.op == "placeholder":
-        anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(anchor):
+    with graph.inserting_after(_anchor(graph, p.point)):
         gate = graph.call_module(target, (p.source,))
     with graph.inserting_after(gate):
         masked = graph.call_function(operator.mul, (p.point, gate))
@@ -180,10 +189,7 @@ def _wire_channel(graph: fx.Graph, p: ChannelPoint, target: str) -> fx.Node:
 
 def _wire(graph: fx.Graph, b: Branch, target: str, output: fx.Node) -> None:
     """Compute the gate right after the block input, then scale the branch before the merge."""
-    anchor = b.input
-    if anchor.op == "placeholder":  # keep all placeholders first
-        anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(anchor):
+    with graph.inserting_after(_anchor(graph, b.input)):
         g = graph.call_module(target, (b.input,))
     with graph.inserting_before(b.merge):
         scaled = graph.call_function(operator.mul, (output, g))

@@ -17,7 +17,14 @@ from torch_pruning.pruner import function as tp_function
 from .blocks import producer_chain
 from .consensus import Consensus, resolve_decisions
 from .gates import ChannelGate, LayerGate
-from .insert import BRANCH_KEY, META_KEY, example_inputs_of, gate_nodes, require_gated
+from .insert import (
+    BRANCH_KEY,
+    META_KEY,
+    attr_name,
+    example_inputs_of,
+    gate_nodes,
+    require_gated,
+)
 from .tracing import eliminate_dead_code, is_inplace
 
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
@@ -167,7 +174,7 @@ def _prune(module: nn.Module, idxs: list[int], side: str) -> None:
 
 
 def _index_buffer(work: fx.GraphModule, gate: ChannelGate, keep) -> fx.Node:
-    name = "cg_kept_" + gate.name.replace(".", "_").replace("/", "__").replace("#", "_")
+    name = "cg_kept_" + attr_name(gate.name)
     device = next(work.parameters()).device
     kept = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=device)
     work.register_buffer(name, kept)
@@ -228,7 +235,7 @@ def _replace_with_constant(work: fx.GraphModule, gate: ChannelGate, value: torch
     per_channel = value.mean(dim=dims, keepdim=True)
     if torch.equal(per_channel.expand_as(value), value):
         value = per_channel
-    name = "cg_const_" + gate.block.replace(".", "_").replace("#", "_")
+    name = "cg_const_" + attr_name(gate.block)
     output = next(n for n in work.graph.nodes if n.meta.get(BRANCH_KEY) == gate.block)
     if not hasattr(work, name):
         work.register_buffer(name, value)
