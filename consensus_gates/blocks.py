@@ -7,6 +7,7 @@ computed only from S. ../docs/block-finding.md lists the rules and the traps the
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import defaultdict
 from dataclasses import dataclass
@@ -350,6 +351,7 @@ class ChannelPoint:
     source: fx.Node
     users: tuple[fx.Node, ...]
     channel_dim: int
+    groups: int = 1  # grouped convs touch it: one decision per position, shared by the groups
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -359,8 +361,17 @@ def _is_depthwise(m: nn.Module) -> bool:
 
 
 def is_dense_layer(m: nn.Module | None) -> bool:
-    """A layer whose channels torch-pruning can cut arbitrarily: Linear or an ungrouped conv."""
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1)
+    """A layer whose channels torch-pruning can cut: a Linear or a conv that is not depthwise
+    (a grouped conv only with the same positions cut in every group, see `layer_groups`)."""
+    return isinstance(m, nn.Linear) or (
+        isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and not _is_depthwise(m)
+    )
+
+
+def layer_groups(m: nn.Module | None) -> int:
+    """1, or a grouped conv's group count: its channels stay in equal groups only when a cut
+    removes the same positions from every group, which is what torch-pruning assumes."""
+    return m.groups if isinstance(m, nn.modules.conv._ConvNd) else 1
 
 
 def is_channelwise(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -425,6 +436,10 @@ class _ChannelFacts(_Graph):
             end = user
         return end
 
+    def groups(self, *layers: fx.Node) -> int:
+        """The period a channel pattern needs to cut every grouped conv among `layers`."""
+        return math.lcm(*(layer_groups(self.module(n)) for n in layers))
+
     def channel_dim(self, layer: fx.Node, ndim: int) -> int:
         return ndim - 1 if isinstance(self.module(layer), nn.Linear) else 1
 
@@ -454,16 +469,19 @@ def find_channel_points(
                 if all(g.consumes_cleanly(end, u) for u in users):
                     dim = g.channel_dim(node, len(end.meta["cg_shape"]))
                     name = f"{b.name}/{_relative(node.target, b.name)}"
-                    points.append(ChannelPoint(name, end, end, users, dim))
+                    groups = g.groups(node, *users)
+                    points.append(ChannelPoint(name, end, end, users, dim, groups))
         elif position == "after":
             chain = producer_chain(b.output, g.modules)
             if chain is not None and set(chain) <= b.nodes:
                 dim = g.channel_dim(chain[-1], len(b.output.meta["cg_shape"]))
-                points.append(ChannelPoint(f"{b.name}/after", b.output, b.output, (b.merge,), dim))
+                name, groups = f"{b.name}/after", g.groups(chain[-1])
+                points.append(ChannelPoint(name, b.output, b.output, (b.merge,), dim, groups))
         else:
             users = tuple(u for u in b.input.users if u in b.nodes)
             if users and all(is_dense_layer(g.module(u)) for u in users):
                 dim = g.channel_dim(users[0], len(b.input.meta["cg_shape"]))
-                points.append(ChannelPoint(f"{b.name}/before", b.input, b.input, users, dim))
+                name, groups = f"{b.name}/before", g.groups(*users)
+                points.append(ChannelPoint(name, b.input, b.input, users, dim, groups))
         found[b.name] = points
     return found

@@ -76,8 +76,9 @@ def normalize_decision(gate: Gate, value) -> bool | tuple[bool, ...]:
         return (value,) * gate.units
     values = tuple(bool(v) for v in (value.tolist() if torch.is_tensor(value) else value))
     if len(values) != gate.units:
+        per = f" (one per position in each of its {gate.groups} groups)" if gate.groups > 1 else ""
         raise ValueError(
-            f"gate '{gate.name}' has {gate.units} channels; got {len(values)} decisions"
+            f"gate '{gate.name}' takes {gate.units} decisions{per}; got {len(values)}"
         )
     return values
 

@@ -11,3 +11,7 @@ class InputError(ValueError):
 
 class ModelFileError(ValueError):
     """A saved file is corrupt, truncated, of another format, or does not match its model."""
+
+
+class DataError(FileNotFoundError):
+    """A data set is missing or not in the expected layout."""

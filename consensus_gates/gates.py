@@ -129,7 +129,11 @@ class ChannelGate(Gate):
 
     Paper Table 2: pool, then one Linear(C, C) (``fc_layers=1``) or Linear(C, 16),
     BatchNorm1d, ReLU, Linear(16, C) (``fc_layers=2``), head. The mask multiplies the gated
-    tensor along `channel_dim`. ``fixed`` is None or a tuple of C booleans.
+    tensor along `channel_dim`. ``fixed`` is None or a tuple of ``units`` booleans.
+
+    Where a grouped conv produces or reads the channels, they come in `groups` equal groups
+    and the gate decides per position within a group (``units = C / groups``): channel
+    ``g * units + j`` follows decision ``j``, so every group keeps the same width.
     """
 
     def __init__(
@@ -142,17 +146,25 @@ class ChannelGate(Gate):
         block: str,
         fc_layers: int,
         config: GateConfig,
+        groups: int = 1,
     ):
-        super().__init__(name, channels, channels, channel_dim, out_ndim, fc_layers, config)
+        units = channels // groups
+        super().__init__(name, channels, units, channel_dim, out_ndim, fc_layers, config)
         self.channel_dim = channel_dim
         self.position = position  # "middle", "after" or "before": how surgery cuts it
         self.block = block  # the residual branch it belongs to
+        self.groups = groups
+
+    def channel_decisions(self, decisions: tuple[bool, ...]) -> tuple[bool, ...]:
+        """One decision per unit, spread over every channel."""
+        return tuple(decisions) * self.groups
 
     def mask(self, d: Tensor) -> Tensor:
         shape = [d.shape[0]] + [1] * (self.out_ndim - 1)
-        shape[self.channel_dim] = self.units
-        return d.view(shape)
+        shape[self.channel_dim] = self.units * self.groups
+        return d.repeat(1, self.groups).view(shape)
 
     def extra_repr(self) -> str:
         fixed = "" if self.fixed is None else f", fixed={sum(self.fixed)}/{self.units} open"
-        return f"name={self.name!r}, channels={self.units}{fixed}"
+        groups = f", groups={self.groups}" if self.groups > 1 else ""
+        return f"name={self.name!r}, units={self.units}{groups}{fixed}"

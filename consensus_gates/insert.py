@@ -172,7 +172,7 @@ def _make_channel_gate(p: ChannelPoint, block: str, config: GateConfig) -> Chann
     shape = p.point.meta["cg_shape"]
     return ChannelGate(
         p.name, shape[p.channel_dim], p.channel_dim, len(shape), config.position, block,
-        config.fc_layers, config,
+        config.fc_layers, config, p.groups,
     )  # fmt: skip
 
 

@@ -129,10 +129,10 @@ def _cut_channels(work: fx.GraphModule, decisions: Mapping, inputs) -> None:
     groups = []
     for node, gate in gates:
         (masked,) = node.users  # mul(point, gate), built by insert_gates
-        point, keep = masked.args[0], decisions[gate.name]
+        point, keep = masked.args[0], gate.channel_decisions(decisions[gate.name])
         closed = [i for i, k in enumerate(keep) if not k]
-        if not closed:
-            masked.replace_all_uses_with(point)
+        if not closed or (gate.block in constants and len(closed) < len(keep)):
+            masked.replace_all_uses_with(point)  # open, or in a branch that is now a constant
         elif len(closed) == len(keep):  # the whole branch is cut, as a layer gate does
             if gate.position == "after":
                 _drop_operand(graph, masked)

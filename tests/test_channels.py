@@ -74,14 +74,46 @@ def test_large_models_exact(name, kwargs, x, count):
 
 
 @pytest.mark.slow
-def test_resnext_after_gates_exact_and_middle_refused_clearly():
+@pytest.mark.parametrize("position", ["middle", "after", "before"])
+def test_resnext_grouped_convs_exact(position):
     model, x = cg.create_model("resnext50_32x4d"), torch.randn(1, 3, 32, 32)
-    gated = check(model, x, cg.GateConfig(mode="channel", position="after"), n_random=2)
-    assert len(gated.gates) == 16
-    with pytest.raises(ValueError, match="can be gated at position='middle'.*mode='layer'"):
-        cg.insert_gates(model, x, cg.GateConfig(mode="channel"))
-    both = cg.insert_gates(model, x, cg.GateConfig(mode="both"))  # layer gates still work
-    assert all(isinstance(g, cg.LayerGate) for g in both.gates.values()) and len(both.gates) == 16
+    gated = check(model, x, cg.GateConfig(mode="channel", position=position), n_random=2)
+    grouped = [g for g in gated.gates.values() if g.groups > 1]
+    if position == "middle":  # conv1 -> grouped conv2 -> conv3: both widths, 32 groups each
+        assert len(gated.gates) == 32 and len(grouped) == 32
+        assert gated.gates["layer1.0/conv1"].units == 128 // 32
+    else:  # conv3 and the block inputs are dense
+        assert len(gated.gates) == 16 and not grouped
+
+
+class GroupedBlock(torch.nn.Module):
+    """A user-written ResNeXt-style block: conv, conv in 3 groups, conv in 2 groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(8, 12, 1)
+        self.b = torch.nn.Conv2d(12, 18, 3, padding=1, groups=3)
+        self.c = torch.nn.Conv2d(18, 8, 1, groups=2)
+        self.bn = torch.nn.BatchNorm2d(18)
+
+    def forward(self, x):
+        return x + self.c(torch.relu(self.bn(self.b(torch.relu(self.a(x))))))
+
+
+def test_grouped_conv_cut_keeps_groups_equal():
+    gated = check(GroupedBlock(), torch.randn(2, 8, 6, 6), cg.GateConfig(mode="channel"), 20)
+    a, b = gated.gates["b/a"], gated.gates["b/b"]
+    assert (a.groups, a.units) == (3, 4)  # read by a conv in 3 groups
+    assert (b.groups, b.units) == (6, 3)  # made in 3 groups and read in 2: lcm 6
+    slim = cg.materialize(gated, {"b/a": (True, False, True, False), "b/b": (True, True, False)})
+    assert (slim.b.in_channels, slim.b.out_channels, slim.b.groups) == (6, 12, 3)
+    x = torch.randn(2, 8, 6, 6)
+    d = {"b/a": False, "b/b": (True, False, True)}  # one gate empties the branch: a constant
+    cg.fix_decisions(gated, d)
+    with torch.no_grad():
+        assert rel_diff(gated(x), cg.materialize(gated, d)(x)) <= 1e-6
+    with pytest.raises(ValueError, match="takes 3 decisions .one per position in each of its 6"):
+        cg.materialize(gated, {"b/b": (True, False)})
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.expected_blocks], ids=lambda c: c.name)
@@ -171,7 +203,7 @@ def test_consensus_per_channel_and_fixed_decisions_round_trip(tmp_path):
     c = cg.consensus(gated)
     assert c.decisions["layer2.0/conv1"] == tuple(bool(r >= 0.5) for r in torch.linspace(0, 1, 32))
     assert "16/32 open" in str(c)
-    with pytest.raises(ValueError, match="has 32 channels; got 3"):
+    with pytest.raises(ValueError, match="takes 32 decisions; got 3"):
         cg.fix_decisions(gated, {"layer2.0/conv1": [True, False, True]})
     cg.fix_decisions(gated, c)
     cg.save(gated, tmp_path / "g.safetensors")
