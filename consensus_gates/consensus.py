@@ -29,7 +29,7 @@ class Consensus:
     @property
     def open_ratio(self) -> float:
         """The mean over gates of the fraction of their units (block or channels) kept."""
-        fractions = [_fraction(d) for d in self.decisions.values()]
+        fractions = [kept_fraction(d) for d in self.decisions.values()]
         return sum(fractions) / max(len(fractions), 1)
 
     def __str__(self) -> str:
@@ -41,14 +41,14 @@ class Consensus:
             else:
                 shown = "open" if d else "closed"
             rows.append(f"{name:<40} {shown:>10} {rate:>9.3f} {self.agreement[name]:>9.3f}")
-        kept = sum(_fraction(d) == 1 for d in self.decisions.values())
+        kept = sum(kept_fraction(d) == 1 for d in self.decisions.values())
         rows.append(
             f"{kept}/{len(self.decisions)} gates fully open, open ratio {self.open_ratio:.3f}"
         )
         return "\n".join(rows)
 
 
-def _fraction(decision: bool | tuple[bool, ...]) -> float:
+def kept_fraction(decision: bool | tuple[bool, ...]) -> float:
     return sum(decision) / len(decision) if isinstance(decision, tuple) else float(decision)
 
 
@@ -77,9 +77,7 @@ def normalize_decision(gate: Gate, value) -> bool | tuple[bool, ...]:
     values = tuple(bool(v) for v in (value.tolist() if torch.is_tensor(value) else value))
     if len(values) != gate.units:
         per = f" (one per position in each of its {gate.groups} groups)" if gate.groups > 1 else ""
-        raise ValueError(
-            f"gate '{gate.name}' takes {gate.units} decisions{per}; got {len(values)}"
-        )
+        raise ValueError(f"gate '{gate.name}' takes {gate.units} decisions{per}; got {len(values)}")
     return values
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .consensus import normalize_decision
+from .consensus import kept_fraction, normalize_decision, resolve_decisions
 from .gates import LayerGate
 from .insert import example_inputs_of, require_gated
 from .surgery import slim_graph_module
@@ -36,6 +38,13 @@ class Cost:
         return f"{self.flops / 1e6:,.2f} MFLOPs, {self.params / 1e6:,.3f} M params"
 
 
+def set_training(model: nn.Module, mode: bool) -> None:
+    """``model.train(mode)``, except for a torch.export module, which is frozen in the mode
+    it was exported in and refuses to switch."""
+    with contextlib.suppress(NotImplementedError):
+        model.train(mode)
+
+
 def flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -> Cost:
     """Count a model's FLOPs with fvcore (in eval mode, without gradients) and its parameters.
 
@@ -43,7 +52,7 @@ def flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -> Cost
     """
     inputs = as_input_tuple(example_inputs)
     was_training = model.training
-    model.eval()
+    set_training(model, False)
     logger = logging.getLogger("fvcore")
     level = logger.level
     logger.setLevel(logging.ERROR)  # fvcore warns about every op it does not count
@@ -55,7 +64,7 @@ def flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -> Cost
             total = int(analysis.total())
     finally:
         logger.setLevel(level)
-        model.train(was_training)
+        set_training(model, was_training)
     return Cost(total, sum(p.numel() for p in model.parameters()))
 
 
@@ -85,3 +94,35 @@ def branch_costs(model: nn.Module, example_inputs=None) -> OrderedDict[str, Cost
         costs[name] = base - cost({**all_open, name: normalize_decision(gate, False)})
         gate.branch_flops.fill_(costs[name].flops)
     return costs
+
+
+def flops_ratio(model: nn.Module, decisions: Mapping | None = None) -> float:
+    """FLOPs of the sub-network `decisions` (default: the consensus) over the original's,
+    estimated from each gate's branch FLOPs: closing a fraction of a gate's units removes
+    that fraction of its branch. Exact for layer gates; a channel gate counts only what its
+    own cut saves. Cheap after the first call, which measures the costs (`branch_costs`)."""
+    gated = require_gated(model)
+    kept = {n: kept_fraction(d) for n, d in resolve_decisions(gated, decisions).items()}
+    return _ratio(gated, kept)
+
+
+def expected_flops_ratio(model: nn.Module) -> float:
+    """`flops_ratio` with each gate's units open at their running open rates: the expected
+    size of the sub-network while training, before the gates have polarized."""
+    gated = require_gated(model)
+    kept = {n: g.running_open_rate.float().mean().item() for n, g in gated.gates.items()}
+    return _ratio(gated, kept)
+
+
+def _ratio(gated, kept: Mapping[str, float]) -> float:
+    if getattr(gated, "_cg_original_flops", None) is None or any(
+        g.branch_flops.item() < 0 for g in gated.gates.values()
+    ):
+        inputs = example_inputs_of(gated)
+        branch_costs(gated, inputs)
+        all_open = {n: normalize_decision(g, True) for n, g in gated.gates.items()}
+        total = flops(slim_graph_module(copy.deepcopy(gated), all_open), inputs).flops
+        gated._cg_original_flops = total  # a plain attribute: not a weight, not in the spec
+    gates = gated.gates
+    saved = sum((1 - k) * gates[n].branch_flops.item() for n, k in kept.items())
+    return 1 - saved / gated._cg_original_flops

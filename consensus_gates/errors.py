@@ -15,3 +15,7 @@ class ModelFileError(ValueError):
 
 class DataError(FileNotFoundError):
     """A data set is missing or not in the expected layout."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""

@@ -91,7 +91,16 @@ class Gate(nn.Module):
 
     @torch.no_grad()
     def _track(self, d: Tensor) -> None:
-        rate = d.float().mean(0).to(self.running_open_rate.dtype)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # The global batch's open rate, so every rank keeps the same running rate.
+            d = d.float()
+            sum_count = torch.cat([d.sum(0).reshape(-1), d.new_tensor([len(d)])])
+            dist.all_reduce(sum_count)
+            rate = (sum_count[:-1] / sum_count[-1]).view(d.shape[1:])
+        else:
+            rate = d.float().mean(0)
+        rate = rate.to(self.running_open_rate.dtype)
         self.num_batches_tracked += 1
         weight = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
         self.running_open_rate.lerp_(rate, weight)

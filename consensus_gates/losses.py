@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .gates import Gate
@@ -12,7 +14,9 @@ from .insert import require_gated
 
 
 def _batch_means(model: nn.Module) -> tuple[list[Gate], list[Tensor]]:
-    """Each gate's batch-mean decision: a scalar for a layer gate, one per channel otherwise."""
+    """Each gate's batch-mean decision: a scalar for a layer gate, one per channel otherwise.
+    Under torch.distributed (world size > 1) it is the mean over the global batch, all ranks'
+    samples, and differentiable with respect to every rank's gates."""
     gates = list(require_gated(model).gates.values())
     missing = [g.name for g in gates if g.decisions is None]
     if missing:
@@ -20,21 +24,43 @@ def _batch_means(model: nn.Module) -> tuple[list[Gate], list[Tensor]]:
             "the gates have no decisions yet: run a forward pass of the gated model before "
             f"computing its losses (gates without decisions: {', '.join(missing[:3])}...)"
         )
-    return gates, [g.decisions.float().mean(0) for g in gates]
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return gates, [g.decisions.float().mean(0) for g in gates]
+    # One collective for all gates: their local sums and the local sample count, flattened.
+    sums = [g.decisions.float().sum(0) for g in gates]
+    count = sums[0].new_tensor([gates[0].decisions.shape[0]])
+    # Gradient scale: every rank computes the same R(ḡ) and sends dR/dΣ into the all-reduce,
+    # whose backward sums it over the W ranks, so rank r's parameters get W·dR/dΣ·dΣ_r/dθ.
+    # DDP divides the sum over ranks by W, leaving Σ_r dR/dΣ·dΣ_r/dθ: the gradient a single
+    # process gets on the concatenated batch. So no rescaling here.
+    from torch.distributed.nn.functional import all_reduce  # needs a distributed build
+
+    with warnings.catch_warnings():
+        # Deprecated in favour of _functional_collectives.all_reduce, which older torch
+        # releases this package supports cannot differentiate.
+        warnings.simplefilter("ignore", FutureWarning)
+        total = all_reduce(torch.cat([s.reshape(-1) for s in sums] + [count]))
+    *parts, n = total.split([s.numel() for s in sums] + [1])
+    return gates, [p.view_as(s) / n for p, s in zip(parts, sums, strict=True)]
 
 
 def polarization_loss(model: nn.Module) -> Tensor:
     """Eq. 7: the mean over gates of ``(1 - ḡ) ḡ``, ``ḡ`` being a gate's batch-mean decision
     in the last forward pass; for channel gates eq. 8, the mean over channels first. Zero when
     every gate is open for all samples or closed for all: the consensus sub-network.
-    Differentiable through the gate heads."""
+    Differentiable through the gate heads.
+
+    Under torch.distributed ḡ is the global batch mean, over every rank's shard, so each rank
+    gets the same value and, after DistributedDataParallel averages the gradients, the
+    gradient of one process on the whole batch."""
     _, means = _batch_means(model)
     return torch.stack([((1 - m) * m).mean() for m in means]).mean()
 
 
 def activation_loss(model: nn.Module, weight: Literal["uniform", "flops"] = "uniform") -> Tensor:
     """Eq. 10: the mean open rate of the gates in the last forward pass (a channel gate's open
-    rate is the mean over its channels).
+    rate is the mean over its channels). Under torch.distributed the rates are over the global
+    batch, as in `polarization_loss`.
 
     With ``weight="flops"`` each gate counts by the FLOPs its branch costs (fvcore), so the
     value is the expected fraction of the gated FLOPs that still run: aim at a FLOPs budget,

@@ -49,7 +49,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def _spec(model: nn.Module) -> dict[str, Any]:
+def model_spec(model: nn.Module) -> dict[str, Any]:
     meta = getattr(model, "meta", None)
     if isinstance(meta, dict) and META_KEY in meta:
         spec = {k: v for k, v in meta[META_KEY].items() if k != "rejected"}
@@ -80,7 +80,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     The file is written atomically.
     """
     model = unwrap(model)
-    spec = _spec(model)
+    spec = model_spec(model)
     try:
         header = json.dumps(spec)
     except TypeError as e:
@@ -125,6 +125,36 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
     return spec
 
 
+def rebuild(
+    spec: dict[str, Any], model: nn.Module | None = None, what: str = "the file"
+) -> nn.Module:
+    """The architecture a spec describes, with fresh weights: `create_model` (or `model`, an
+    instance of the original architecture), then `insert_gates` and `materialize` as
+    recorded."""
+    source = spec.get("source")
+    if model is None:
+        if not source:
+            raise ModelFileError(
+                f"{what} was saved from a model that is not in the registry; pass an instance "
+                "of its architecture, e.g. load(path, model=MyNet(...))"
+            )
+        model = create_model(source["name"], **source["kwargs"])
+    if spec["dtype"]:
+        model = model.to(getattr(torch, spec["dtype"]))
+    if spec["kind"] == "plain":
+        return model
+    inputs = tuple(
+        torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec["inputs"]
+    )
+    config = GateConfig.from_dict(spec["config"])
+    gated = insert_gates(model, inputs, config, leaf_modules=spec["leaf_modules"])
+    if spec["kind"] == "slim":
+        return materialize(gated, spec["decisions"])
+    for name, d in spec.get("fixed", {}).items():
+        gated.gates[name].fixed = normalize_decision(gated.gates[name], d)
+    return gated
+
+
 def load(
     path: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
@@ -135,28 +165,7 @@ def load(
     `insert_gates` and `materialize` as recorded. Then the weights are loaded strictly.
     """
     spec = read_spec(path)
-    source = spec.get("source")
-    if model is None:
-        if not source:
-            raise ModelFileError(
-                f"{path} was saved from a model that is not in the registry; pass an instance "
-                "of its architecture: load(path, model=MyNet(...))"
-            )
-        model = create_model(source["name"], **source["kwargs"])
-    if spec["dtype"]:
-        model = model.to(getattr(torch, spec["dtype"]))
-    if spec["kind"] != "plain":
-        inputs = tuple(
-            torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec["inputs"]
-        )
-        config = GateConfig.from_dict(spec["config"])
-        gated = insert_gates(model, inputs, config, leaf_modules=spec["leaf_modules"])
-        if spec["kind"] == "slim":
-            model = materialize(gated, spec["decisions"])
-        else:
-            for name, d in spec.get("fixed", {}).items():
-                gated.gates[name].fixed = normalize_decision(gated.gates[name], d)
-            model = gated
+    model = rebuild(spec, model, what=str(path))
     try:
         load_model(model, str(path), strict=True)
     except (RuntimeError, SafetensorError) as e:

@@ -38,6 +38,14 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY) + [n for n in _torchvision_names() if n not in _REGISTRY]
 
 
+def accepts(name: str, keyword: str) -> bool:
+    """Whether the registered constructor `name` takes `keyword` (False for torchvision)."""
+    import inspect
+
+    fn = _REGISTRY.get(name)
+    return fn is not None and keyword in inspect.signature(fn).parameters
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a model by name: a registered (zoo or user) model, or a torchvision classifier.
 

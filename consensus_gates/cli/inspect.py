@@ -1,4 +1,4 @@
-"""The `cgates` command line."""
+"""`cgates inspect`: residual blocks, gates, per-block FLOPs and parameters."""
 
 from __future__ import annotations
 
@@ -9,39 +9,13 @@ from typing import Any
 import click
 import torch
 
-from . import __version__
-from .consensus import consensus
-from .cost import branch_costs, flops
-from .insert import GatedModel, insert_gates
-from .models import CifarResNet, create_model
-from .saving import load, read_spec
-from .surgery import materialize
-
-
-@click.group()
-@click.version_option(__version__, prog_name="cgates")
-def main() -> None:
-    """consensus-gates: find a consensus sub-network in one training run, then cut it out."""
-
-
-def _parse_model_args(pairs: tuple[str, ...]) -> dict[str, Any]:
-    kwargs = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--model-arg")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value  # a bare string such as shortcut=B
-    return kwargs
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected C,H,W such as 3,32,32, got {text!r}") from None
+from ..consensus import consensus
+from ..cost import branch_costs, flops
+from ..insert import GatedModel, insert_gates
+from ..models import CifarResNet, create_model
+from ..saving import load, read_spec
+from ..surgery import materialize
+from .app import main, model_arg_option, parse_model_args, parse_shape
 
 
 def _build(model_or_file: str, model_args: dict[str, Any], shape: str | None):
@@ -61,7 +35,7 @@ def _build(model_or_file: str, model_args: dict[str, Any], shape: str | None):
     if shape is None:
         cifar = isinstance(model, CifarResNet)
         shape = f"{model.conv1.in_channels},32,32" if cifar else "3,224,224"
-    x = torch.randn(1, *_parse_shape(shape))
+    x = torch.randn(1, *parse_shape(shape))
     if isinstance(model, GatedModel):
         return model, consensus(model).decisions, x
     return insert_gates(model, x.expand(2, *x.shape[1:])), decisions, x
@@ -69,13 +43,7 @@ def _build(model_or_file: str, model_args: dict[str, Any], shape: str | None):
 
 @main.command()
 @click.argument("model_or_file")
-@click.option(
-    "--model-arg",
-    "model_args",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="create_model keyword, e.g. --model-arg num_classes=100 --model-arg shortcut=B",
-)
+@model_arg_option
 @click.option(
     "--input-shape",
     default=None,
@@ -99,7 +67,7 @@ def inspect(
       cgates inspect runs/quickstart/slim.safetensors
     """
     try:
-        gated, decisions, x = _build(model_or_file, _parse_model_args(model_args), input_shape)
+        gated, decisions, x = _build(model_or_file, parse_model_args(model_args), input_shape)
     except (ValueError, TypeError, OSError) as e:
         raise click.ClickException(str(e)) from e
     costs = branch_costs(gated, x)

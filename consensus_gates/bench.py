@@ -1,0 +1,318 @@
+"""Step 8: measure what the surgery bought: latency, throughput, peak memory and FLOPs, plus
+energy per image on NVIDIA GPUs.
+
+Two models timed in one process interfere with each other on small shared machines, so
+`compare` times every (model, batch) pair in a fresh process, alternating the order of the
+models from round to round (A B, B A, ...), and reports the median over rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cost import flops, set_training
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How to time a model.
+
+    Attributes:
+        device: ``"cpu"`` or ``"cuda"`` (or ``"cuda:N"``).
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        threads: torch intra-op threads on CPU; None keeps torch's default. Printed with
+            every result, since it changes CPU timings more than most pruning does.
+        warmup: untimed runs first (allocator, caches, cuDNN autotuning, compilation).
+        runs: timed runs; their median and 90th percentile are reported.
+        buffers: distinct random input batches, cycled, so that a cache-resident input does
+            not flatter small models.
+        compile: run the model through ``torch.compile`` first.
+        channels_last: convert model and inputs to channels-last memory format.
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+    warmup: int = 10
+    runs: int = 50
+    buffers: int = 4
+    compile: bool = False
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        kind = self.device.split(":")[0]
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU here")
+        if self.warmup < 0 or self.runs < 1 or self.buffers < 1:
+            raise ValueError("warmup must be >= 0, runs and buffers >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One model at one batch size. Times in milliseconds per batch."""
+
+    model: str
+    batch: int
+    device: str
+    dtype: str
+    threads: int
+    median_ms: float
+    p90_ms: float
+    peak_memory_mb: float  # CUDA: max_memory_allocated; CPU: growth of the peak RSS
+    energy_mj_per_image: float | None = None  # NVIDIA GPUs with nvidia-ml-py only
+    flops: int | None = None  # fvcore, per image
+    params: int | None = None
+    spread_ms: tuple[float, float] | None = None  # min and max of the per-process medians
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        """Images per second."""
+        return self.batch / (self.median_ms / 1e3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "throughput": self.throughput}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class _Energy:
+    """NVML's total-energy counter (millijoules since driver load), if it can be read."""
+
+    def __init__(self, device: torch.device):
+        self.handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self.read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+            self.read()
+        except Exception:  # no nvidia-ml-py, or a GPU without the counter
+            self.handle = None
+
+    def __call__(self) -> float | None:
+        return self.read() if self.handle is not None else None
+
+
+def measure(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch: int,
+    config: BenchConfig | None = None,
+    *,
+    name: str = "model",
+) -> Measurement:
+    """Time `model` on random batches of shape ``(batch, *input_shape)`` in this process.
+
+    Call it in a fresh process for comparisons (see `compare`): what ran before changes
+    the timings.
+    """
+    config = config or BenchConfig()
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    device, dtype = torch.device(config.device), DTYPES[config.dtype]
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(device=device, dtype=dtype)
+    set_training(model, False)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.compile:
+        model = torch.compile(model)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    inputs = [
+        torch.randn(batch, *input_shape, generator=gen)
+        .to(device=device, dtype=dtype)
+        .contiguous(memory_format=fmt if len(input_shape) == 3 else torch.contiguous_format)
+        for _ in range(config.buffers)
+    ]
+    cuda = device.type == "cuda"
+    energy = _Energy(device)
+    with torch.inference_mode():
+        for i in range(config.warmup):
+            model(inputs[i % len(inputs)])
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        rss = _peak_rss_mb()
+        times, start_energy = [], energy()
+        for i in range(config.runs):
+            x = inputs[i % len(inputs)]
+            if cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                begin.record()
+                model(x)
+                end.record()
+                end.synchronize()
+                times.append(begin.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+        end_energy = energy()
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        peak = _peak_rss_mb() - rss
+    per_image = None
+    if start_energy is not None and end_energy is not None:
+        per_image = (end_energy - start_energy) / (config.runs * batch)
+    times.sort()
+    return Measurement(
+        model=name,
+        batch=batch,
+        device=str(device),
+        dtype=config.dtype,
+        threads=torch.get_num_threads(),
+        median_ms=statistics.median(times),
+        p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
+        peak_memory_mb=peak,
+        energy_mj_per_image=per_image,
+    )
+
+
+def load_for_bench(
+    ref: str | os.PathLike, model_args: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """A model to time: a ``.pt2`` file (torch.export), a ``.safetensors`` file written by
+    `consensus_gates.save`, or a zoo / torchvision name (`create_model`)."""
+    path = Path(ref)
+    if path.suffix == ".pt2":
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        return torch.export.load(str(path)).module()
+    if path.suffix == ".safetensors" or path.is_file():
+        from .saving import load
+
+        return load(path)
+    from .models import create_model
+
+    return create_model(str(ref), **dict(model_args or {}))
+
+
+def _run_worker(job: dict[str, Any], timeout: float) -> Measurement:
+    """Time one model at one batch size in a fresh Python process."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "consensus_gates.bench", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark of {job['name']} failed:\n{proc.stderr.strip()[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out.pop("throughput")
+    out["spread_ms"] = tuple(out["spread_ms"]) if out["spread_ms"] else None
+    return Measurement(**out)
+
+
+def compare(
+    models: Mapping[str, str | os.PathLike],
+    input_shape: Sequence[int],
+    batches: Sequence[int] = (1,),
+    config: BenchConfig | None = None,
+    *,
+    rounds: int = 3,
+    model_args: Mapping[str, Mapping[str, Any]] | None = None,
+    timeout: float = 600,
+) -> list[Measurement]:
+    """Time each model (label → file or name, see `load_for_bench`) at each batch size, each
+    in its own process, `rounds` times in alternating order; report the median over rounds
+    (``spread_ms`` holds the lowest and highest). FLOPs and parameters come from fvcore.
+
+    Results are in the order of `batches`, then `models`; compare them with `ratios`.
+    """
+    config = config or BenchConfig()
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    names = list(models)
+    runs: dict[tuple[str, int], list[Measurement]] = {}
+    for r in range(rounds):
+        for batch in batches:
+            for name in names if r % 2 == 0 else reversed(names):
+                job = {
+                    "name": name,
+                    "ref": str(models[name]),
+                    "model_args": dict((model_args or {}).get(name, {})),
+                    "input_shape": list(input_shape),
+                    "batch": batch,
+                    "config": asdict(config),
+                    "count_flops": r == 0,
+                }
+                runs.setdefault((name, batch), []).append(_run_worker(job, timeout))
+    results = []
+    for batch in batches:
+        for name in names:
+            ms = runs[(name, batch)]
+            medians = [m.median_ms for m in ms]
+            results.append(
+                replace(
+                    ms[0],
+                    median_ms=statistics.median(medians),
+                    p90_ms=statistics.median(m.p90_ms for m in ms),
+                    peak_memory_mb=max(m.peak_memory_mb for m in ms),
+                    spread_ms=(min(medians), max(medians)),
+                )
+            )
+    return results
+
+
+def ratios(results: Sequence[Measurement], baseline: str) -> dict[tuple[str, int], dict]:
+    """``model/baseline`` ratios of latency, FLOPs and parameters at each batch size."""
+    base = {m.batch: m for m in results if m.model == baseline}
+    if not base:
+        raise ValueError(f"no results for the baseline {baseline!r}")
+    out = {}
+    for m in results:
+        b = base[m.batch]
+        out[(m.model, m.batch)] = {
+            "latency": m.median_ms / b.median_ms,
+            "flops": m.flops / b.flops if m.flops and b.flops else None,
+            "params": m.params / b.params if m.params and b.params else None,
+        }
+    return out
+
+
+def _worker_main(job: dict[str, Any]) -> None:
+    config = BenchConfig(**job["config"])
+    model = load_for_bench(job["ref"], job["model_args"])
+    shape = job["input_shape"]
+    m = measure(model, shape, job["batch"], config, name=job["name"])
+    if job["count_flops"]:
+        cost = flops(model.float().cpu(), torch.randn(1, *shape))
+        m = replace(m, flops=cost.flops, params=cost.params)
+    print(json.dumps(m.to_dict()))
+
+
+if __name__ == "__main__":
+    _worker_main(json.loads(sys.argv[1]))

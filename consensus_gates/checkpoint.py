@@ -1,0 +1,85 @@
+"""Training checkpoints: everything `train` needs to continue exactly, in one ``.pt`` file
+that is read with ``torch.load(weights_only=True)``, so opening one never runs code.
+
+The model's architecture is stored as the same JSON spec that `save` writes, and rebuilt
+from it (`rebuild`); the rest is tensors, numbers and strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelFileError
+from .insert import GatedModel, require_gated
+from .saving import atomic_path, model_spec, rebuild
+
+FORMAT = "consensus-gates-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **state: Any) -> None:
+    """Write the gated model (spec and weights) and `state` (optimizer, scheduler, RNG,
+    records...: tensors, numbers, strings and containers of them) atomically."""
+    gated = require_gated(model)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "spec": json.dumps(model_spec(gated)),
+        "model": gated.state_dict(),
+        **state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` (no unpickling of code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise ModelFileError(
+            f"{path} is not a readable consensus-gates checkpoint ({str(e).splitlines()[0]}); "
+            "it may be truncated, or a file of another kind (slim models are .safetensors)"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(
+            f"{path} is a torch file but not a consensus-gates training checkpoint "
+            "(written by `cgates train` or consensus_gates.train)"
+        )
+    if payload.get("version", 0) > VERSION:
+        raise ModelFileError(
+            f"{path} is checkpoint version {payload['version']}; this consensus-gates reads up "
+            f"to {VERSION}: upgrade consensus-gates"
+        )
+    return payload
+
+
+def model_from_checkpoint(
+    checkpoint: dict[str, Any] | str | os.PathLike, model: nn.Module | None = None
+) -> GatedModel:
+    """The gated model of a checkpoint, with its trained weights and gate statistics.
+
+    `model` is an instance of the original architecture, needed only for models that
+    `create_model` does not know.
+    """
+    what = "the checkpoint"
+    if not isinstance(checkpoint, dict):
+        what, checkpoint = str(checkpoint), load_checkpoint(checkpoint)
+    gated = rebuild(json.loads(checkpoint["spec"]), model, what=what)
+    try:
+        gated.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise ModelFileError(
+            f"the weights in {what} do not match the rebuilt model: {str(e)[:600]}"
+        ) from e
+    return gated

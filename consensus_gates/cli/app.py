@@ -1,0 +1,45 @@
+"""The `cgates` click group and what its commands share."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from .. import __version__
+
+
+@click.group()
+@click.version_option(__version__, prog_name="cgates")
+def main() -> None:
+    """consensus-gates: find a consensus sub-network in one training run, then cut it out."""
+
+
+def parse_model_args(pairs: tuple[str, ...]) -> dict[str, Any]:
+    kwargs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--model-arg")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value  # a bare string such as shortcut=B
+    return kwargs
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected C,H,W such as 3,32,32, got {text!r}") from None
+
+
+model_arg_option = click.option(
+    "--model-arg",
+    "model_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="create_model keyword, e.g. --model-arg num_classes=100 --model-arg shortcut=B",
+)

@@ -1,0 +1,191 @@
+"""`cgates train`: gate a model and train weights and gates in one pass."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import model_from_checkpoint
+from ..config import HEADS, MODES, POSITIONS, GateConfig
+from ..consensus import consensus
+from ..data import DATASETS, DataInfo, make_loaders
+from ..errors import DataError, ModelFileError, TrainingDiverged
+from ..insert import GatedModel, insert_gates
+from ..models.registry import accepts, create_model
+from ..saving import atomic_path, load, read_spec
+from ..train import CHECKPOINT, SCHEDULES, TrainConfig, train
+from .app import main, model_arg_option, parse_model_args
+
+
+def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected integers such as 30,60, got {text!r}") from None
+
+
+def build_gated(
+    model: str, model_args: dict[str, Any], info: DataInfo, config: GateConfig
+) -> GatedModel:
+    """The gated model to train: a zoo/torchvision name sized to the data set, or a file
+    written by `save` (a plain model gets gates; a gated one keeps its own)."""
+    if Path(model).is_file():
+        spec = read_spec(model)
+        if spec["kind"] == "slim":
+            raise ModelFileError(f"{model} is already a slim model; train the original or gated")
+        loaded = load(model)
+        if spec["kind"] == "gated":
+            return loaded.train()
+        net = loaded
+    else:
+        kwargs = {"num_classes": info.num_classes, **model_args}
+        if accepts(model, "in_channels"):
+            kwargs.setdefault("in_channels", info.in_channels)
+        elif info.in_channels != 3:
+            raise click.UsageError(
+                f"{model} takes 3-channel images and {info.name} has {info.in_channels}; use a "
+                "zoo model that takes in_channels (e.g. resnet20) for this data set"
+            )
+        net = create_model(model, **kwargs)
+    x = torch.randn(2, info.in_channels, info.image_size, info.image_size)
+    return insert_gates(net.train(), x, config)
+
+
+def _init_distributed() -> torch.device:
+    """Join the torchrun process group (gloo on CPU, NCCL on CUDA); pick this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+def _relaunch(nproc: int) -> None:
+    """Run this same command under torchrun with `nproc` processes, without --nproc."""
+    args, skip = [], False
+    for a in sys.argv[2:]:  # after "cgates train"
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "consensus_gates.train", *args]  # fmt: skip
+    raise SystemExit(subprocess.call(cmd))
+
+
+@main.command("train")
+@click.argument("model")
+@click.option("--data", "data_name", required=True, help=f"one of {', '.join(DATASETS)}")
+@click.option("--data-root", default="data", show_default=True, help="where the data set is")
+@click.option("--download", is_flag=True, help="download the data set if it is missing")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=128, show_default=True, help="per process")
+@click.option("--lr", default=0.1, show_default=True)
+@click.option("--milestones", default=None, help="epochs where lr drops 10x [1/2, 3/4 of epochs]")
+@click.option("--mode", type=click.Choice(MODES), default="layer", show_default=True)
+@click.option("--position", type=click.Choice(POSITIONS), default="middle", show_default=True)
+@click.option("--head", type=click.Choice(HEADS), default="ste", show_default=True)
+@click.option("--fc-layers", type=click.IntRange(1, 2), default=1, show_default=True)
+@click.option("--lambda-polar", default=2.0, show_default=True)
+@click.option("--polar-schedule", type=click.Choice(SCHEDULES), default="step", show_default=True)
+@click.option("--polar-steps", default=None, help="a,b for the step schedule [paper's, scaled]")
+@click.option("--warmup-epochs", default=1, show_default=True)
+@click.option("--lambda-act", default=0.5, show_default=True, help="start value with --target")
+@click.option("--act-weight", type=click.Choice(["flops", "uniform"]), default="flops")
+@click.option("--target", type=float, default=None, help="sparsity target in (0, 1]")
+@click.option(
+    "--target-kind", type=click.Choice(["flops", "open"]), default="flops", show_default=True,
+    help="--target as a fraction of the original FLOPs, or of gate units kept",
+)  # fmt: skip
+@click.option("--subset", type=int, default=None, help="train on this many images only")
+@click.option("--test-subset", type=int, default=None, help="test on this many images only")
+@click.option("--workers", type=int, default=None, help="DataLoader workers [0 on CPU, else 4]")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", "out_dir", default="runs/train", show_default=True)
+@click.option("--resume", is_flag=True, help="continue OUT/checkpoint.pt exactly")
+@click.option("--nproc", type=int, default=None, help="train with N processes (torchrun, DDP)")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@model_arg_option
+def train_command(model: str, data_name: str, data_root: str, download: bool, epochs: int,
+                  batch_size: int, lr: float, milestones: str | None, mode: str, position: str,
+                  head: str, fc_layers: int, lambda_polar: float, polar_schedule: str,
+                  polar_steps: str | None, warmup_epochs: int, lambda_act: float,
+                  act_weight: str, target: float | None, target_kind: str,
+                  subset: int | None, test_subset: int | None, workers: int | None, seed: int,
+                  out_dir: str, resume: bool, nproc: int | None, no_progress: bool,
+                  model_args: tuple[str, ...]) -> None:  # fmt: skip
+    """Gate MODEL and train its weights and gates together in one pass.
+
+    MODEL is a zoo or torchvision name (sized to the data set's classes), or a model file
+    written by `save`. OUT gets metrics.jsonl, checkpoint.pt (every epoch), gates.png and
+    curves.png; then `cgates slim OUT/checkpoint.pt` cuts the consensus sub-network out.
+
+    \b
+    Examples:
+      cgates train resnet20 --data fashion_mnist --data-root ../shared/data --epochs 4
+      cgates train resnet56 --data cifar10 --download --epochs 200 --target 0.5
+      cgates train resnet20 --data cifar10 --mode channel --head gumbel --out runs/ch
+      cgates train resnet20 --data cifar10 --out runs/ch --resume
+      cgates train resnet56 --data cifar10 --nproc 2      # DistributedDataParallel
+    """
+    if nproc is not None and nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _relaunch(nproc)
+    device = _init_distributed()
+    distributed = dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    try:
+        config = TrainConfig(
+            epochs=epochs, lr=lr, milestones=_ints(milestones, "--milestones"),
+            lambda_polar=lambda_polar, polar_schedule=polar_schedule,
+            polar_steps=_ints(polar_steps, "--polar-steps"), warmup_epochs=warmup_epochs,
+            lambda_act=lambda_act, act_weight=act_weight, target=target,
+            target_kind=target_kind, seed=seed, progress=not no_progress,
+        )  # fmt: skip
+        torch.manual_seed(seed)  # the gates' and model's initial weights
+        train_loader, test_loader, info = make_loaders(
+            data_name, data_root, batch_size=batch_size, download=download and rank == 0,
+            subset=subset, test_subset=test_subset, seed=seed, distributed=distributed,
+            workers=workers if workers is not None else (0 if device.type == "cpu" else 4),
+        )  # fmt: skip
+        out = Path(out_dir)
+        if resume:
+            gated = model_from_checkpoint(out / CHECKPOINT).train()
+        else:
+            gate_config = GateConfig(mode=mode, position=position, head=head, fc_layers=fc_layers)
+            gated = build_gated(model, parse_model_args(model_args), info, gate_config)
+            if rank == 0:
+                _write_run(out, model, data_name, config, gated)
+        train(gated, train_loader, test_loader, config, out_dir=out, device=device,
+              resume=resume, log=click.echo)  # fmt: skip
+    except (DataError, ModelFileError, TrainingDiverged, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    if rank == 0:
+        click.echo(str(consensus(gated)))
+        click.echo(f"\nwrote {out}/; next: cgates slim {out / CHECKPOINT} -o {out / 'slim'}")
+
+
+def _write_run(out: Path, model: str, data: str, config: TrainConfig, gated: GatedModel) -> None:
+    """run.json: what was trained, for people reading the folder later."""
+    run = {"model": model, "data": data, "gates": gated.spec["config"],
+           "train": json.loads(json.dumps(config.__dict__)), "argv": sys.argv}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "run.json") as tmp:
+        tmp.write_text(json.dumps(run, indent=2) + "\n")

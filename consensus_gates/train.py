@@ -1,0 +1,369 @@
+"""Step 4b: train weights and gates together in one pass (paper §4.1).
+
+The loss is ``task + λ_polar · polarization_loss + λ_act · activation_loss``, with SGD and a
+multi-step learning rate. `train` writes one JSON line per epoch, an atomic checkpoint that
+`--resume` continues exactly, and the gates.png / curves.png plots. Under torchrun it trains
+with DistributedDataParallel; the gate statistics are global (see `polarization_loss`).
+
+    torchrun --nproc_per_node 2 -m consensus_gates.train resnet20 --data fashion_mnist ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .consensus import consensus
+from .cost import expected_flops_ratio, flops_ratio
+from .errors import TrainingDiverged
+from .insert import GatedModel, require_gated
+from .losses import activation_loss, polarization_loss
+from .plots import plot_curves, plot_gates
+from .saving import atomic_path
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SCHEDULES = ("constant", "step", "warmup")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe; defaults are the paper's (SGD 0.1, momentum 0.9, weight decay
+    5e-4, learning rate divided by 10 at each milestone, the "λ↑" schedule).
+
+    Attributes:
+        milestones: epochs at which the learning rate is multiplied by `lr_gamma`; None: at
+            1/2 and 3/4 of the epochs.
+        polar_schedule: λ_polar over epochs. ``"constant"``: `lambda_polar` throughout;
+            ``"step"`` (paper's λ↑): 0 until epoch a, `lambda_polar` until b, then 1.5 ×
+            `lambda_polar` (0, 2, 3 with the default 2); ``"warmup"``: rises linearly from
+            0 to `lambda_polar` over `warmup_epochs`.
+        polar_steps: (a, b) for ``"step"``; None: the paper's 125 and 190 of 300 epochs,
+            scaled to `epochs`.
+        act_weight: ``"flops"`` weighs each gate by the FLOPs it controls, ``"uniform"``
+            counts gates equally (eq. 10).
+        target: a sparsity target. With ``target_kind="flops"``, the sub-network's FLOPs as
+            a fraction of the original's; with ``"open"``, the fraction of gate units kept.
+            An integral controller then adjusts λ_act after every step (starting from
+            `lambda_act`) until the consensus gets there.
+        controller_gain: how much λ_act moves per step per unit of error.
+    """
+
+    epochs: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] | None = None
+    lr_gamma: float = 0.1
+    lambda_polar: float = 2.0
+    polar_schedule: Literal["constant", "step", "warmup"] = "step"
+    polar_steps: tuple[int, int] | None = None
+    warmup_epochs: int = 1
+    lambda_act: float = 0.5
+    act_weight: Literal["uniform", "flops"] = "flops"
+    target: float | None = None
+    target_kind: Literal["flops", "open"] = "flops"
+    controller_gain: float = 0.02
+    lambda_act_max: float = 10.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.polar_schedule not in SCHEDULES:
+            raise ValueError(
+                f"polar_schedule must be one of {SCHEDULES}, got {self.polar_schedule!r}"
+            )
+        if self.act_weight not in ("uniform", "flops"):
+            raise ValueError(f"act_weight must be 'uniform' or 'flops', got {self.act_weight!r}")
+        if self.target_kind not in ("flops", "open"):
+            raise ValueError(f"target_kind must be 'flops' or 'open', got {self.target_kind!r}")
+        if self.target is not None and not 0 < self.target <= 1:
+            raise ValueError(f"target must be in (0, 1], got {self.target}")
+        if self.polar_steps is not None and not 0 <= self.polar_steps[0] <= self.polar_steps[1]:
+            raise ValueError(f"polar_steps must be (a, b) with 0 <= a <= b, got {self.polar_steps}")
+        if self.lr <= 0 or self.lambda_polar < 0 or self.lambda_act < 0:
+            raise ValueError("lr must be > 0; lambda_polar and lambda_act >= 0")
+
+    def lr_milestones(self) -> list[int]:
+        if self.milestones is not None:
+            return sorted(self.milestones)
+        return sorted({self.epochs // 2, self.epochs * 3 // 4} - {0})
+
+    def lambda_polar_at(self, epoch: int) -> float:
+        """λ_polar for a 0-based epoch."""
+        lam = self.lambda_polar
+        if self.polar_schedule == "constant":
+            return lam
+        if self.polar_schedule == "warmup":
+            return lam * min(1.0, (epoch + 1) / max(self.warmup_epochs, 1))
+        a, b = self.polar_steps or (self.epochs * 125 // 300, self.epochs * 190 // 300)
+        return 0.0 if epoch < a else lam if epoch < b else 1.5 * lam
+
+
+class SparsityController:
+    """Integral control of λ_act: raise it while the sub-network the gates' running open
+    rates describe is larger than the target, lower it while it is smaller."""
+
+    def __init__(self, model: GatedModel, config: TrainConfig, lam: float):
+        self.model, self.config, self.lam = model, config, lam
+        if config.target_kind == "flops":
+            flops_ratio(model)  # measures each gate's FLOPs, once
+
+    def current(self) -> float:
+        """The sub-network size now (FLOPs ratio or kept fraction), from the running rates."""
+        if self.config.target_kind == "flops":
+            return expected_flops_ratio(self.model)
+        rates = [g.running_open_rate.float().mean() for g in self.model.gates.values()]
+        return float(torch.stack(rates).mean())
+
+    def step(self) -> float:
+        error = self.current() - self.config.target
+        self.lam = min(max(self.lam + self.config.controller_gain * error, 0.0),
+                       self.config.lambda_act_max)  # fmt: skip
+        return self.lam
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy of `model` in eval mode (for a gated model: gates decide per sample,
+    or as pinned by `fix_decisions`)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    finally:
+        model.train(was_training)
+    return correct / max(total, 1)
+
+
+def _rng_state(loader: DataLoader) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if loader.generator is not None:
+        state["loader"] = loader.generator.get_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], loader: DataLoader) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "loader" in state and loader.generator is not None:
+        loader.generator.set_state(state["loader"])
+
+
+def _as_tuple(v: Any) -> Any:
+    return tuple(_as_tuple(x) for x in v) if isinstance(v, list | tuple) else v
+
+
+def train(
+    model: nn.Module,
+    train_loader: DataLoader,
+    test_loader: DataLoader | None = None,
+    config: TrainConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train a gated model's weights and gates in one pass; return the per-epoch records.
+
+    Args:
+        model: a model from `insert_gates` (trained in place).
+        train_loader, test_loader: batches of (inputs, class labels). With a
+            DistributedSampler, its epoch is set each epoch.
+        config: the recipe (`TrainConfig`).
+        out_dir: where ``metrics.jsonl``, ``checkpoint.pt`` (every epoch, atomically),
+            ``gates.png`` and ``curves.png`` go; None writes nothing.
+        device: where to train; default: the model's device.
+        resume: continue from ``out_dir/checkpoint.pt`` exactly where it stopped.
+        log: receives the per-epoch summary lines.
+
+    Under torch.distributed (torchrun) the model is wrapped in DistributedDataParallel and
+    only rank 0 writes files and logs.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite; the checkpoint of the last good
+            epoch is kept.
+    """
+    gated = require_gated(model)
+    config = config or TrainConfig()
+    device = torch.device(device) if device is not None else next(gated.parameters()).device
+    gated.to(device)
+    rank, world = _distributed()
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is None:
+        raise ValueError("resume=True needs the out_dir of the run to continue")
+    net: nn.Module = gated
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            gated, device_ids=[device] if device.type == "cuda" else None
+        )
+    opt = torch.optim.SGD(
+        gated.parameters(), config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, config.lr_milestones(), config.lr_gamma)
+    controller = (
+        SparsityController(gated, config, config.lambda_act) if config.target is not None else None
+    )
+    lam_act, records, start = config.lambda_act, [], 0
+    if resume:
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        gated.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"], train_loader)
+        lam_act, records, start = ckpt["lambda_act"], list(ckpt["records"]), ckpt["epoch"]
+        if controller is not None:
+            controller.lam = lam_act
+        if rank == 0:
+            log(f"resumed from {out / CHECKPOINT} after epoch {start}")
+    else:
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+
+    for epoch in range(start, config.epochs):
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        lam_polar = config.lambda_polar_at(epoch)
+        net.train()
+        began, sums, steps = time.time(), torch.zeros(6, dtype=torch.float64), 0
+        bar = tqdm(
+            train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+            disable=not config.progress or rank != 0, file=sys.stderr,
+        )  # fmt: skip
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = net(x)
+            task = F.cross_entropy(logits, y)
+            polar = polarization_loss(gated)
+            act = activation_loss(gated, weight=config.act_weight)
+            loss = task + lam_polar * polar + lam_act * act
+            if not math.isfinite(loss.item()):
+                last = (
+                    f"{out / CHECKPOINT} (epoch {records[-1]['epoch']})"
+                    if out is not None and records
+                    else "none (no epoch finished)"
+                )
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1} "
+                    f"(task {task.item():.4g}, R_polar {polar.item():.4g}, R_act "
+                    f"{act.item():.4g}); the last good checkpoint is {last}. Lower the learning "
+                    "rate or the λs, then --resume or start again."
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if controller is not None:
+                lam_act = controller.step()
+            correct = (logits.argmax(1) == y).sum().item()
+            sums += torch.tensor(
+                [loss.item(), task.item(), polar.item(), act.item(), correct, len(y)],
+                dtype=torch.float64,
+            )
+            steps += 1
+            if steps % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", polar=f"{polar.item():.3f}")
+        sched.step()
+        if world > 1:
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        total, task, polar, act = (sums[:4] / (steps * world)).tolist()
+        record = _record(gated, epoch, opt, lam_polar, lam_act, (total, task, polar, act))
+        record["train_acc"] = sums[4].item() / max(sums[5].item(), 1)
+        record["test_acc"] = (
+            evaluate(gated, test_loader, device) if test_loader is not None and rank == 0 else None
+        )
+        record["seconds"] = round(time.time() - began, 2)
+        records.append(record)
+        if rank == 0:
+            log(_summary(record, config.epochs))
+            if out is not None:
+                _write_outputs(out, gated, records, opt, sched, train_loader, lam_act, config)
+        if world > 1:
+            dist.barrier()
+    return records
+
+
+def _record(gated, epoch, opt, lam_polar, lam_act, losses) -> dict[str, Any]:
+    c = consensus(gated)
+    total, task, polar, act = losses
+    return {
+        "epoch": epoch + 1,
+        "lr": opt.param_groups[0]["lr"],
+        "lambda_polar": lam_polar,
+        "lambda_act": lam_act,
+        "loss": {"total": total, "task": task, "polar": polar, "act": act},
+        "r_polar": polar,
+        "open_rate": {n: list(r) if isinstance(r, tuple) else r for n, r in c.open_rate.items()},
+        "open_ratio": c.open_ratio,
+        "flops_ratio": flops_ratio(gated, c),
+    }
+
+
+def _summary(r: dict[str, Any], epochs: int) -> str:
+    loss, test = r["loss"], f"{r['test_acc']:.4f}" if r["test_acc"] is not None else "-"
+    return (
+        f"epoch {r['epoch']}/{epochs}  loss {loss['total']:.3f} (task {loss['task']:.3f})  "
+        f"R_polar {r['r_polar']:.4f}  R_act {loss['act']:.3f}  "
+        f"λ {r['lambda_polar']:g}/{r['lambda_act']:.3g}  train {r['train_acc']:.4f}  "
+        f"test {test}  open {r['open_ratio']:.3f}  FLOPs {r['flops_ratio']:.3f}  "
+        f"({r['seconds']:.0f}s)"
+    )
+
+
+def _write_outputs(out, gated, records, opt, sched, loader, lam_act, config) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(
+        out / CHECKPOINT,
+        gated,
+        epoch=records[-1]["epoch"],  # epochs completed
+        optimizer=opt.state_dict(),
+        scheduler=sched.state_dict(),
+        rng=_rng_state(loader),
+        lambda_act=lam_act,
+        records=records,
+        train_config=json.dumps(asdict(config)),
+    )
+    with atomic_path(out / METRICS) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_gates(records, out / "gates.png")
+    plot_curves(records, out / "curves.png")
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m consensus_gates.train MODEL ...
+    from .cli import main
+
+    main(["train", *sys.argv[1:]])
