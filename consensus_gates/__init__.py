@@ -10,19 +10,23 @@ The pipeline, one module per step:
 5. `consensus` read (or pin) the shared open/closed decision of each gate
 6. `surgery`   cut closed branches and all gates out (`materialize`)
 7. `saving`    save / load without pickle, and torch.export
-and `cost` (fvcore FLOPs), `models` (the zoo and `create_model`).
+8. `bench`     latency, throughput and memory, slim against original
+
+Training: `train` (the one-pass trainer), `data` (data sets and loaders), `checkpoint`,
+`plots`. Also `cost` (fvcore FLOPs), `models` (the zoo and `create_model`) and `cli`.
 """
 
 from .config import GateConfig
 from .consensus import Consensus, consensus, fix_decisions
-from .cost import Cost, branch_costs, flops
-from .errors import InputError, ModelFileError, TracingError
+from .cost import Cost, branch_costs, flops, flops_ratio
+from .errors import DataError, InputError, ModelFileError, TracingError, TrainingDiverged
 from .gates import ChannelGate, Gate, LayerGate
 from .insert import GatedModel, insert_gates
 from .losses import activation_loss, polarization_loss
 from .models import create_model, list_models, register_model
 from .saving import export, load, save
 from .surgery import materialize
+from .train import TrainConfig  # the trainer: `from consensus_gates.train import train`
 
 __version__ = "0.1.0"
 
@@ -30,6 +34,7 @@ __all__ = [
     "ChannelGate",
     "Consensus",
     "Cost",
+    "DataError",
     "Gate",
     "GateConfig",
     "GatedModel",
@@ -37,6 +42,8 @@ __all__ = [
     "LayerGate",
     "ModelFileError",
     "TracingError",
+    "TrainConfig",
+    "TrainingDiverged",
     "activation_loss",
     "branch_costs",
     "consensus",
@@ -44,6 +51,7 @@ __all__ = [
     "export",
     "fix_decisions",
     "flops",
+    "flops_ratio",
     "insert_gates",
     "list_models",
     "load",

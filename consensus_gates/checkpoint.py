@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +45,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"no such checkpoint: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:  # torch raises many kinds on a damaged or foreign file
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise ModelFileError(
-            f"{path} is not a readable consensus-gates checkpoint ({str(e).splitlines()[0]}); "
+            f"{path} is not a readable consensus-gates checkpoint ({reason}); "
             "it may be truncated, or a file of another kind (slim models are .safetensors)"
         ) from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

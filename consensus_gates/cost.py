@@ -118,7 +118,9 @@ def _ratio(gated, kept: Mapping[str, float]) -> float:
     if getattr(gated, "_cg_original_flops", None) is None or any(
         g.branch_flops.item() < 0 for g in gated.gates.values()
     ):
-        inputs = example_inputs_of(gated)
+        devices = [p.device for p in gated.parameters() if p.is_cuda][:1]
+        with torch.random.fork_rng(devices=devices):  # a resumed run must draw the same numbers
+            inputs = example_inputs_of(gated)
         branch_costs(gated, inputs)
         all_open = {n: normalize_decision(g, True) for n, g in gated.gates.items()}
         total = flops(slim_graph_module(copy.deepcopy(gated), all_open), inputs).flops

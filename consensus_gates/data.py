@@ -170,30 +170,33 @@ class _Spec:
     downloadable: bool = True
 
 
+def _torchvision_spec(
+    title: str, cls: type, layout: Callable[[type], str], info: DataInfo, padding: int = 4
+) -> _Spec:
+    """A torchvision data set: downloadable, random crop (zero padding) and flip."""
+    return _Spec(title, info, _torchvision(cls), layout(cls), _FETCH,
+                 _crop_flip(info.image_size, padding))  # fmt: skip
+
+
 _SPECS: dict[str, _Spec] = {
-    "cifar10": _Spec(
-        title="CIFAR-10",
-        info=DataInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-        load=_torchvision(tvd.CIFAR10),
-        layout=_cifar_layout(tvd.CIFAR10),
-        fetch=_FETCH,
-        train_aug=_crop_flip(32, 4),
+    "cifar10": _torchvision_spec(
+        "CIFAR-10",
+        tvd.CIFAR10,
+        _cifar_layout,
+        DataInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     ),
-    "cifar100": _Spec(
-        title="CIFAR-100",
-        info=DataInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-        load=_torchvision(tvd.CIFAR100),
-        layout=_cifar_layout(tvd.CIFAR100),
-        fetch=_FETCH,
-        train_aug=_crop_flip(32, 4),
+    "cifar100": _torchvision_spec(
+        "CIFAR-100",
+        tvd.CIFAR100,
+        _cifar_layout,
+        DataInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     ),
-    "fashion_mnist": _Spec(
-        title="Fashion-MNIST",
-        info=DataInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)),
-        load=_torchvision(tvd.FashionMNIST),
-        layout=_mnist_layout(tvd.FashionMNIST),
-        fetch=_FETCH,
-        train_aug=_crop_flip(28, 2),
+    "fashion_mnist": _torchvision_spec(
+        "Fashion-MNIST",
+        tvd.FashionMNIST,
+        _mnist_layout,
+        DataInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)),
+        padding=2,
     ),
     "tiny_imagenet": _Spec(
         title="Tiny ImageNet",

@@ -15,6 +15,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,8 +60,12 @@ class TrainConfig:
             counts gates equally (eq. 10).
         target: a sparsity target. With ``target_kind="flops"``, the sub-network's FLOPs as
             a fraction of the original's; with ``"open"``, the fraction of gate units kept.
-            An integral controller then adjusts λ_act after every step (starting from
-            `lambda_act`) until the consensus gets there.
+            An integral controller then sets λ_act after every step (from 0, within
+            ±`lambda_act_max`; `lambda_act` is not used), following a setpoint that moves
+            from 1 to the target over the first `target_ramp` of the steps.
+        target_ramp: None: the epochs before λ_polar first rises above 0 (a quarter of the
+            training if it never is 0). Polarized gates stop learning (an STE passes no
+            gradient far from 0), so the ramp should end before the gates polarize.
         controller_gain: how much λ_act moves per step per unit of error.
     """
 
@@ -79,6 +84,7 @@ class TrainConfig:
     target: float | None = None
     target_kind: Literal["flops", "open"] = "flops"
     controller_gain: float = 0.02
+    target_ramp: float | None = None
     lambda_act_max: float = 10.0
     seed: int = 0
     progress: bool = True
@@ -106,6 +112,13 @@ class TrainConfig:
             return sorted(self.milestones)
         return sorted({self.epochs // 2, self.epochs * 3 // 4} - {0})
 
+    def ramp_fraction(self) -> float:
+        """`target_ramp`, or its default: the share of epochs before polarization starts."""
+        if self.target_ramp is not None:
+            return self.target_ramp
+        first = next((e for e in range(self.epochs) if self.lambda_polar_at(e) > 0), 0)
+        return first / self.epochs if first > 0 else 0.25
+
     def lambda_polar_at(self, epoch: int) -> float:
         """λ_polar for a 0-based epoch."""
         lam = self.lambda_polar
@@ -118,13 +131,26 @@ class TrainConfig:
 
 
 class SparsityController:
-    """Integral control of λ_act: raise it while the sub-network the gates' running open
-    rates describe is larger than the target, lower it while it is smaller."""
+    """Integral control of λ_act towards a sparsity target.
 
-    def __init__(self, model: GatedModel, config: TrainConfig, lam: float):
-        self.model, self.config, self.lam = model, config, lam
+    Closed gates saturate and stop learning (the STE passes no gradient far from 0), so the
+    sub-network must approach the target from above, never overshoot it. The setpoint
+    therefore moves from the full network (1.0) down to the target over the first
+    `target_ramp` fraction of the training steps, and after each step λ_act (starting at 0)
+    grows while the sub-network the running open rates describe is larger than the
+    setpoint, and shrinks, down to negative values that hold gates open, while it is
+    smaller.
+    """
+
+    def __init__(self, model: GatedModel, config: TrainConfig, total_steps: int):
+        self.model, self.config, self.lam = model, config, 0.0
+        self.ramp_steps, self.steps = max(1, round(config.ramp_fraction() * total_steps)), 0
         if config.target_kind == "flops":
             flops_ratio(model)  # measures each gate's FLOPs, once
+
+    def setpoint(self) -> float:
+        target = self.config.target
+        return 1 - (1 - target) * min(1.0, self.steps / self.ramp_steps)
 
     def current(self) -> float:
         """The sub-network size now (FLOPs ratio or kept fraction), from the running rates."""
@@ -134,10 +160,29 @@ class SparsityController:
         return float(torch.stack(rates).mean())
 
     def step(self) -> float:
-        error = self.current() - self.config.target
-        self.lam = min(max(self.lam + self.config.controller_gain * error, 0.0),
-                       self.config.lambda_act_max)  # fmt: skip
+        self.steps += 1
+        error = self.current() - self.setpoint()
+        limit = self.config.lambda_act_max
+        self.lam = min(max(self.lam + self.config.controller_gain * error, -limit), limit)
         return self.lam
+
+    def state_dict(self) -> dict[str, float]:
+        return {"lam": self.lam, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.lam, self.steps = state["lam"], int(state["steps"])
+
+
+def _check_same_recipe(saved: dict[str, Any], config: TrainConfig) -> None:
+    """A resumed run must train as the checkpoint's did; only `epochs` may change."""
+    now = json.loads(json.dumps(asdict(config)))
+    changed = sorted(k for k in now if k not in ("epochs", "progress") and saved.get(k) != now[k])
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(
+            f"--resume with a different recipe than the checkpoint's ({diff}); resume with "
+            "the same settings (only --epochs may change), or start a new run in a new --out"
+        )
 
 
 def _distributed() -> tuple[int, int]:
@@ -233,10 +278,10 @@ def train(
         gated.parameters(), config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, config.lr_milestones(), config.lr_gamma)
-    controller = (
-        SparsityController(gated, config, config.lambda_act) if config.target is not None else None
-    )
-    lam_act, records, start = config.lambda_act, [], 0
+    controller = None
+    if config.target is not None:
+        controller = SparsityController(gated, config, config.epochs * len(train_loader))
+    lam_act, records, start = (config.lambda_act if controller is None else 0.0), [], 0
     if resume:
         ckpt = load_checkpoint(out / CHECKPOINT)
         gated.load_state_dict(ckpt["model"])
@@ -244,8 +289,10 @@ def train(
         sched.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"], train_loader)
         lam_act, records, start = ckpt["lambda_act"], list(ckpt["records"]), ckpt["epoch"]
+        _check_same_recipe(json.loads(ckpt["train_config"]), config)
+        sched.milestones = Counter(config.lr_milestones())  # `epochs` may have grown
         if controller is not None:
-            controller.lam = lam_act
+            controller.load_state_dict(ckpt["controller"])
         if rank == 0:
             log(f"resumed from {out / CHECKPOINT} after epoch {start}")
     else:
@@ -256,7 +303,7 @@ def train(
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        lam_polar = config.lambda_polar_at(epoch)
+        lam_polar, lr = config.lambda_polar_at(epoch), opt.param_groups[0]["lr"]
         net.train()
         began, sums, steps = time.time(), torch.zeros(6, dtype=torch.float64), 0
         bar = tqdm(
@@ -301,7 +348,7 @@ def train(
             dist.all_reduce(sums)
             sums = sums.cpu()
         total, task, polar, act = (sums[:4] / (steps * world)).tolist()
-        record = _record(gated, epoch, opt, lam_polar, lam_act, (total, task, polar, act))
+        record = _record(gated, epoch, lr, lam_polar, lam_act, (total, task, polar, act))
         record["train_acc"] = sums[4].item() / max(sums[5].item(), 1)
         record["test_acc"] = (
             evaluate(gated, test_loader, device) if test_loader is not None and rank == 0 else None
@@ -311,18 +358,28 @@ def train(
         if rank == 0:
             log(_summary(record, config.epochs))
             if out is not None:
-                _write_outputs(out, gated, records, opt, sched, train_loader, lam_act, config)
+                _write_outputs(
+                    out,
+                    gated,
+                    records,
+                    opt,
+                    sched,
+                    train_loader,
+                    lam_act,
+                    config,
+                    controller.state_dict() if controller is not None else None,
+                )
         if world > 1:
             dist.barrier()
     return records
 
 
-def _record(gated, epoch, opt, lam_polar, lam_act, losses) -> dict[str, Any]:
+def _record(gated, epoch, lr, lam_polar, lam_act, losses) -> dict[str, Any]:
     c = consensus(gated)
     total, task, polar, act = losses
     return {
         "epoch": epoch + 1,
-        "lr": opt.param_groups[0]["lr"],
+        "lr": lr,  # what this epoch trained with
         "lambda_polar": lam_polar,
         "lambda_act": lam_act,
         "loss": {"total": total, "task": task, "polar": polar, "act": act},
@@ -344,7 +401,7 @@ def _summary(r: dict[str, Any], epochs: int) -> str:
     )
 
 
-def _write_outputs(out, gated, records, opt, sched, loader, lam_act, config) -> None:
+def _write_outputs(out, gated, records, opt, sched, loader, lam_act, config, control) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
         out / CHECKPOINT,
@@ -354,6 +411,7 @@ def _write_outputs(out, gated, records, opt, sched, loader, lam_act, config) -> 
         scheduler=sched.state_dict(),
         rng=_rng_state(loader),
         lambda_act=lam_act,
+        controller=control,
         records=records,
         train_config=json.dumps(asdict(config)),
     )

@@ -2,7 +2,9 @@
 
     python examples/fashion_mnist_quickstart.py --data-root ../shared/data
 
-Uses only the public API: insert_gates, the two regularizers, consensus, materialize.
+The training loop by hand, with the public API: insert_gates, the two regularizers,
+consensus, materialize. `cgates demo` and `consensus_gates.train` do the same with
+checkpoints, records and plots.
 """
 
 from __future__ import annotations
@@ -13,35 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
-from torch.utils.data import DataLoader, Subset
 
 import consensus_gates as cg
-
-MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics
-
-
-def loaders(root: str, subset: int, batch: int) -> tuple[DataLoader, DataLoader]:
-    tf = torchvision.transforms.Compose(
-        [torchvision.transforms.ToTensor(), torchvision.transforms.Normalize((MEAN,), (STD,))]
-    )
-    try:
-        train = torchvision.datasets.FashionMNIST(root, train=True, transform=tf)
-        test = torchvision.datasets.FashionMNIST(root, train=False, transform=tf)
-    except RuntimeError as e:
-        raise SystemExit(
-            f"Fashion-MNIST not found under {root}/FashionMNIST/raw ({e}); pass --data-root"
-        ) from e
-    if subset:
-        train = Subset(train, torch.randperm(len(train))[:subset].tolist())
-    return DataLoader(train, batch, shuffle=True, drop_last=True), DataLoader(test, 1000)
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in loader)
-    return correct / len(loader.dataset)
+from consensus_gates.data import make_loaders
+from consensus_gates.errors import DataError
+from consensus_gates.train import evaluate
 
 
 def main() -> None:
@@ -57,7 +35,12 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
 
-    train, test = loaders(args.data_root, args.subset, args.batch)
+    try:
+        train, test, _ = make_loaders(
+            "fashion_mnist", args.data_root, batch_size=args.batch, subset=args.subset or None
+        )
+    except DataError as e:
+        raise SystemExit(str(e)) from e
     model = cg.create_model("resnet20", in_channels=1, num_classes=10)
     example = torch.randn(2, 1, 28, 28)
     gated = cg.insert_gates(model, example)  # STE layer gates on all 9 residual blocks
@@ -82,7 +65,7 @@ def main() -> None:
         c = cg.consensus(gated)
         print(
             f"epoch {epoch}: task {task:.3f}  R_polar {polar:.4f}  R_act {act:.3f}  "
-            f"test acc {accuracy(gated, test):.4f}  consensus {sum(c.decisions.values())}/"
+            f"test acc {evaluate(gated, test):.4f}  consensus {sum(c.decisions.values())}/"
             f"{len(c.decisions)} open  ({time.time() - start:.0f}s)"
         )
 
@@ -92,7 +75,7 @@ def main() -> None:
     cg.fix_decisions(gated, c)
     per_image = example[:1]
     before, after = cg.flops(model, per_image), cg.flops(slim, per_image)
-    acc_fixed, acc_slim = accuracy(gated, test), accuracy(slim, test)
+    acc_fixed, acc_slim = evaluate(gated, test), evaluate(slim, test)
     print(f"\n{'':<28}{'original':>14}{'slim':>14}{'slim/original':>15}")
     print(
         f"{'MFLOPs per image':<28}{before.flops / 1e6:>14.2f}{after.flops / 1e6:>14.2f}"

@@ -1,5 +1,6 @@
 """README's commands and code, and the examples, run as written."""
 
+import json
 import re
 import struct
 import subprocess
@@ -24,9 +25,9 @@ def test_ci_runs_the_readme_test_command():
     assert any(line.strip() == test_cmd for line in ci.splitlines())
 
 
-def test_readme_main_command_runs_the_quickstart():
+def test_readme_main_command_runs_the_demo():
     main_cmd = _bash_blocks()[0]
-    assert "examples/fashion_mnist_quickstart.py --data-root ../shared/data" in main_cmd
+    assert main_cmd.strip().endswith(".venv/bin/cgates demo --data-root ../shared/data")
 
 
 @pytest.mark.slow
@@ -82,3 +83,24 @@ def test_quickstart_example_says_where_the_data_should_be(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "FashionMNIST/raw" in run.stderr and "--data-root" in run.stderr
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_a_small_setting(tmp_path):
+    """`cgates demo`: train, slim, bench in separate processes, report; files and numbers."""
+    root = fake_fashion_mnist(tmp_path / "data")
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable, "-m", "consensus_gates.cli", "demo", "--data-root", str(root),
+        "--out", str(out), "--epochs", "1", "--subset", "128", "--rounds", "1", "--batch", "4",
+        "--no-progress",
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for row in ("MFLOPs per sample", "parameters (M)", "test accuracy", "latency ms, batch 4"):
+        assert row in run.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"][0] == report["accuracy"][1]  # the slim model is the consensus
+    assert report["max_rel_diff"] <= 1e-5 and report["latency_ratio"] > 0
+    for name in ("checkpoint.pt", "metrics.jsonl", "gates.png", "slim.safetensors", "slim.pt2"):
+        assert (out / name).is_file(), name

@@ -31,7 +31,9 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"expected integers such as 30,60, got {text!r}") from None
+        raise click.BadParameter(
+            f"expected integers such as 30,60, got {text!r}", param_hint=what
+        ) from None
 
 
 def build_gated(
@@ -105,12 +107,17 @@ def _relaunch(nproc: int) -> None:
 @click.option("--polar-schedule", type=click.Choice(SCHEDULES), default="step", show_default=True)
 @click.option("--polar-steps", default=None, help="a,b for the step schedule [paper's, scaled]")
 @click.option("--warmup-epochs", default=1, show_default=True)
-@click.option("--lambda-act", default=0.5, show_default=True, help="start value with --target")
+@click.option("--lambda-act", default=0.5, show_default=True, help="unused with --target")
 @click.option("--act-weight", type=click.Choice(["flops", "uniform"]), default="flops")
 @click.option("--target", type=float, default=None, help="sparsity target in (0, 1]")
 @click.option(
     "--target-kind", type=click.Choice(["flops", "open"]), default="flops", show_default=True,
     help="--target as a fraction of the original FLOPs, or of gate units kept",
+)  # fmt: skip
+@click.option(
+    "--target-ramp", type=float, default=None,
+    help="share of training over which the setpoint moves from 1 to --target "
+    "[the epochs before λ_polar rises]",
 )  # fmt: skip
 @click.option("--subset", type=int, default=None, help="train on this many images only")
 @click.option("--test-subset", type=int, default=None, help="test on this many images only")
@@ -126,7 +133,8 @@ def train_command(model: str, data_name: str, data_root: str, download: bool, ep
                   head: str, fc_layers: int, lambda_polar: float, polar_schedule: str,
                   polar_steps: str | None, warmup_epochs: int, lambda_act: float,
                   act_weight: str, target: float | None, target_kind: str,
-                  subset: int | None, test_subset: int | None, workers: int | None, seed: int,
+                  target_ramp: float | None, subset: int | None, test_subset: int | None,
+                  workers: int | None, seed: int,
                   out_dir: str, resume: bool, nproc: int | None, no_progress: bool,
                   model_args: tuple[str, ...]) -> None:  # fmt: skip
     """Gate MODEL and train its weights and gates together in one pass.
@@ -154,7 +162,7 @@ def train_command(model: str, data_name: str, data_root: str, download: bool, ep
             lambda_polar=lambda_polar, polar_schedule=polar_schedule,
             polar_steps=_ints(polar_steps, "--polar-steps"), warmup_epochs=warmup_epochs,
             lambda_act=lambda_act, act_weight=act_weight, target=target,
-            target_kind=target_kind, seed=seed, progress=not no_progress,
+            target_kind=target_kind, target_ramp=target_ramp, seed=seed, progress=not no_progress,
         )  # fmt: skip
         torch.manual_seed(seed)  # the gates' and model's initial weights
         train_loader, test_loader, info = make_loaders(

@@ -1,0 +1,166 @@
+"""`cgates train` then `cgates slim`, end to end on a fake Fashion-MNIST, and their errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from test_data import fake_fashion_mnist  # the idx files torchvision reads
+
+import consensus_gates as cg
+from consensus_gates.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from consensus_gates.cli import main
+
+CLOSED = ("layer1.1", "layer2.2", "layer3.0")  # a downsampling block too
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small models: one intra-op thread is as fast, and avoids OpenMP's pathological
+    slowdown when another process competes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _clean_failure(result, exit_code: int = 1) -> str:
+    """The command failed the way click reports a user's mistake: an exit code and an
+    'Error:' line, no traceback (an unhandled exception is kept in result.exception)."""
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    return result.output
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+@pytest.mark.slow
+def test_train_then_slim_end_to_end(tmp_path):
+    fake_fashion_mnist(tmp_path / "data", n_train=80, n_test=40)
+    out = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(main, [
+        "train", "resnet20", "--data", "fashion_mnist", "--data-root", str(tmp_path / "data"),
+        "--epochs", "1", "--subset", "64", "--test-subset", "32", "--batch-size", "32",
+        "--out", str(out), "--no-progress",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "epoch 1/1" in result.output and "cgates slim" in result.output
+    for name in ("metrics.jsonl", "checkpoint.pt", "gates.png", "curves.png", "run.json"):
+        assert (out / name).is_file(), name
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["epoch"] == 1 and len(record["open_rate"]) == 9
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"] == "resnet20" and run["data"] == "fashion_mnist"
+    assert run["train"]["epochs"] == 1 and run["gates"]["mode"] == "layer"
+
+    # One tiny epoch closes nothing; pin three gates shut so that slim has something to cut.
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 1
+    gated = model_from_checkpoint(ckpt)
+    for name, gate in gated.gates.items():
+        gate.running_open_rate.fill_(0.0 if name in CLOSED else 1.0)
+    rest = {k: v for k, v in ckpt.items() if k not in ("format", "version", "spec", "model")}
+    save_checkpoint(out / "checkpoint.pt", gated, **rest)
+
+    result = runner.invoke(main, ["slim", str(out / "checkpoint.pt"), "-o", str(out / "slim"),
+                                  "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    slim_file, pt2_file = out / "slim" / "slim.safetensors", out / "slim" / "slim.pt2"
+    assert report["files"] == [str(slim_file), str(pt2_file)]
+    assert slim_file.is_file() and pt2_file.is_file()
+    assert report["gates"] == 9 and report["gates_fully_open"] == 6
+    assert {n for n, d in report["decisions"].items() if not d} == set(CLOSED)
+    assert report["input_shape"] == [1, 28, 28] and report["max_rel_diff"] < 1e-5
+
+    x1 = torch.randn(1, 1, 28, 28)
+    slim = cg.load(slim_file)
+    full = cg.flops(cg.create_model("resnet20", in_channels=1, num_classes=10), x1)
+    assert report["flops"][0] == full.flops and report["params"][0] == full.params
+    assert report["flops"][1] == cg.flops(slim, x1).flops < report["flops"][0]
+    assert report["params"][1] == sum(p.numel() for p in slim.parameters())
+
+    # the slim model computes what the trained gated model does with its consensus pinned
+    reference = model_from_checkpoint(out / "checkpoint.pt").eval()
+    cg.fix_decisions(reference, cg.consensus(reference))
+    exported = torch.export.load(str(pt2_file)).module()
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        expected = reference(x)
+        assert _rel(expected, slim(x)) <= 1e-5
+        assert _rel(expected, exported(x)) <= 1e-5
+
+
+def test_slim_refuses_a_slim_model(tmp_path):
+    gated = cg.insert_gates(cg.create_model("resnet20", in_channels=1), torch.randn(2, 1, 28, 28))
+    path = tmp_path / "slim.safetensors"
+    cg.save(cg.materialize(gated, {n: n.endswith(".0") for n in gated.gates}), path)
+    result = CliRunner().invoke(main, ["slim", str(path), "-o", str(tmp_path / "out")])
+    assert "holds no gates" in _clean_failure(result)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"hello world\n", bytes(range(256)) * 4],
+    ids=["empty", "text", "binary"],
+)
+def test_slim_refuses_a_damaged_checkpoint(tmp_path, data):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(data)
+    result = CliRunner().invoke(main, ["slim", str(path)])
+    assert "not a readable consensus-gates checkpoint" in _clean_failure(result)
+
+
+def test_slim_of_a_missing_file_says_so(tmp_path):
+    result = CliRunner().invoke(main, ["slim", str(tmp_path / "nothing.pt")])
+    assert "nothing.pt" in _clean_failure(result)
+
+
+def _train(tmp_path: Path, *args: str):
+    out = tmp_path / "run"
+    argv = ["train", "resnet20", "--epochs", "1", "--out", str(out), "--no-progress", *args]
+    return CliRunner().invoke(main, argv), out
+
+
+def test_train_unknown_data_set(tmp_path):
+    result, out = _train(tmp_path, "--data", "imagenet22k", "--data-root", str(tmp_path))
+    output = _clean_failure(result)
+    assert "unknown data set 'imagenet22k'" in output and "fashion_mnist" in output
+    assert len(output.strip().splitlines()) == 1
+    assert not out.exists()  # nothing written for a run that never started
+
+
+def test_train_missing_data_root_suggests_download(tmp_path):
+    root = tmp_path / "nowhere"
+    result, out = _train(tmp_path, "--data", "fashion_mnist", "--data-root", str(root))
+    output = _clean_failure(result)
+    assert "Fashion-MNIST could not be loaded" in output and "--download" in output
+    assert str(root) in output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option", ["--milestones", "--polar-steps"])
+def test_train_non_integer_epochs_list(tmp_path, option):
+    result, out = _train(tmp_path, "--data", "fashion_mnist", option, "a,b")
+    output = _clean_failure(result, exit_code=2)  # a usage error, before any data is read
+    (error,) = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert "'a,b'" in error and "integers" in error
+    assert option in error, "the message should name the option it is about"
+    assert not out.exists()
+
+
+def test_train_resume_without_a_checkpoint(tmp_path):
+    fake_fashion_mnist(tmp_path / "data", n_train=8, n_test=4)
+    result, out = _train(tmp_path, "--data", "fashion_mnist", "--data-root",
+                         str(tmp_path / "data"), "--batch-size", "4", "--resume")  # fmt: skip
+    assert "no such checkpoint" in _clean_failure(result)
