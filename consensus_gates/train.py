@@ -60,13 +60,14 @@ class TrainConfig:
             counts gates equally (eq. 10).
         target: a sparsity target. With ``target_kind="flops"``, the sub-network's FLOPs as
             a fraction of the original's; with ``"open"``, the fraction of gate units kept.
-            An integral controller then sets λ_act after every step (from 0, within
+            A PI controller then sets λ_act after every step (from 0, within
             ±`lambda_act_max`; `lambda_act` is not used), following a setpoint that moves
             from 1 to the target over the first `target_ramp` of the steps.
-        target_ramp: None: the epochs before λ_polar first rises above 0 (a quarter of the
-            training if it never is 0). Polarized gates stop learning (an STE passes no
-            gradient far from 0), so the ramp should end before the gates polarize.
-        controller_gain: how much λ_act moves per step per unit of error.
+        target_ramp: None: three quarters of the epochs before λ_polar first rises above 0
+            (a quarter of the training if it never is 0). Polarized gates stop learning (an
+            STE passes no gradient far from 0), so the ramp should end before they polarize.
+        controller_kp, controller_ki: the controller's proportional gain and its integral
+            gain per step (`SparsityController`).
     """
 
     epochs: int = 10
@@ -83,7 +84,8 @@ class TrainConfig:
     act_weight: Literal["uniform", "flops"] = "flops"
     target: float | None = None
     target_kind: Literal["flops", "open"] = "flops"
-    controller_gain: float = 0.02
+    controller_kp: float = 4.0
+    controller_ki: float = 0.05
     target_ramp: float | None = None
     lambda_act_max: float = 10.0
     seed: int = 0
@@ -117,7 +119,8 @@ class TrainConfig:
         if self.target_ramp is not None:
             return self.target_ramp
         first = next((e for e in range(self.epochs) if self.lambda_polar_at(e) > 0), 0)
-        return first / self.epochs if first > 0 else 0.25
+        # end early enough that the controller settles before the gates polarize
+        return 0.75 * first / self.epochs if first > 0 else 0.25
 
     def lambda_polar_at(self, epoch: int) -> float:
         """λ_polar for a 0-based epoch."""
@@ -131,20 +134,20 @@ class TrainConfig:
 
 
 class SparsityController:
-    """Integral control of λ_act towards a sparsity target.
+    """Proportional-integral control of λ_act towards a sparsity target.
 
     Closed gates saturate and stop learning (the STE passes no gradient far from 0), so the
     sub-network must approach the target from above, never overshoot it. The setpoint
     therefore moves from the full network (1.0) down to the target over the first
-    `target_ramp` fraction of the training steps, and after each step λ_act (starting at 0)
-    grows while the sub-network the running open rates describe is larger than the
-    setpoint, and shrinks, down to negative values that hold gates open, while it is
-    smaller.
+    `ramp_fraction` of the training steps. After each step, with the error ``e`` = the size
+    the running open rates describe minus the setpoint, λ_act = kp·e + ki·Σe: positive
+    while the sub-network is too large, negative (holding gates open) while too small.
     """
 
     def __init__(self, model: GatedModel, config: TrainConfig, total_steps: int):
-        self.model, self.config, self.lam = model, config, 0.0
-        self.ramp_steps, self.steps = max(1, round(config.ramp_fraction() * total_steps)), 0
+        self.model, self.config = model, config
+        self.lam, self.integral, self.steps = 0.0, 0.0, 0
+        self.ramp_steps = max(1, round(config.ramp_fraction() * total_steps))
         if config.target_kind == "flops":
             flops_ratio(model)  # measures each gate's FLOPs, once
 
@@ -162,15 +165,20 @@ class SparsityController:
     def step(self) -> float:
         self.steps += 1
         error = self.current() - self.setpoint()
-        limit = self.config.lambda_act_max
-        self.lam = min(max(self.lam + self.config.controller_gain * error, -limit), limit)
+        c, limit = self.config, self.config.lambda_act_max
+        self.integral += error
+        if c.controller_ki > 0:  # anti-windup: the integral term alone stays within the limit
+            bound = limit / c.controller_ki
+            self.integral = min(max(self.integral, -bound), bound)
+        lam = c.controller_kp * error + c.controller_ki * self.integral
+        self.lam = min(max(lam, -limit), limit)
         return self.lam
 
     def state_dict(self) -> dict[str, float]:
-        return {"lam": self.lam, "steps": self.steps}
+        return {"lam": self.lam, "integral": self.integral, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.lam, self.steps = state["lam"], int(state["steps"])
+        self.lam, self.integral, self.steps = state["lam"], state["integral"], int(state["steps"])
 
 
 def _check_same_recipe(saved: dict[str, Any], config: TrainConfig) -> None:

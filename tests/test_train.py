@@ -8,7 +8,7 @@ import json
 import math
 import pickle
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -207,7 +207,9 @@ def test_resume_test_notices_unrestored_rng(tmp_path, monkeypatch):
 
 
 def test_resume_with_a_target_restores_the_controller(tmp_path):
-    run = _run_then_resume(tmp_path, epochs=2, target=0.5, target_kind="open", controller_gain=1.0)
+    run = _run_then_resume(
+        tmp_path, epochs=2, target=0.5, target_kind="open", controller_kp=0.0, controller_ki=1.0
+    )
     _same_run(*run)
     assert run[0][1]["lambda_act"] != 0.0  # the controller did move λ_act
 
@@ -272,8 +274,9 @@ def _set_rates(gated: cg.GatedModel, rates: list[float]) -> None:
 def test_controller_integrates_the_error_against_a_ramped_setpoint(kind):
     gated = toy_gated(blocks=4)
     cfg = TrainConfig(
-        target=0.5, target_kind=kind, controller_gain=0.1, lambda_act_max=1.0, target_ramp=0.5
-    )
+        target=0.5, target_kind=kind, controller_kp=0.0, controller_ki=0.1, lambda_act_max=1.0,
+        target_ramp=0.5,
+    )  # fmt: skip
     ctrl = SparsityController(gated, cfg, 20)  # the setpoint reaches 0.5 after 10 steps
     assert ctrl.lam == 0.0 and ctrl.setpoint() == 1.0
 
@@ -301,6 +304,9 @@ def test_controller_integrates_the_error_against_a_ramped_setpoint(kind):
         ctrl.step()
     assert ctrl.lam == -1.0  # negative, to hold gates open, down to -lambda_act_max
 
+    proportional = SparsityController(gated, replace(cfg, controller_kp=2.0, controller_ki=0), 20)
+    assert proportional.step() == pytest.approx(max(-1.0, 2.0 * (size - 0.95)))
+
     again = SparsityController(gated, cfg, 20)
     again.load_state_dict(ctrl.state_dict())
     assert (again.lam, again.setpoint()) == (ctrl.lam, ctrl.setpoint())
@@ -311,7 +317,7 @@ def _toy_controller_run(target: float | None, kind: str = "open", seed: int = 0)
     gated = toy_gated(blocks=6, seed=seed)
     cfg = TrainConfig(
         epochs=16, lr=0.05, milestones=(), act_weight="uniform", target=target,
-        target_kind=kind, controller_gain=0.3, seed=seed, progress=False,
+        target_kind=kind, controller_ki=0.3, seed=seed, progress=False,
     )  # fmt: skip
     data = TensorDataset(*toy_tensors(128, seed))
     return gated, train_module.train(gated, shuffled(data, 16, seed), None, cfg, log=quiet)
@@ -549,3 +555,22 @@ def test_load_checkpoint_refuses_a_newer_version(tmp_path):
     torch.save({**payload, "version": 99}, path)
     with pytest.raises(ModelFileError, match="upgrade"):
         load_checkpoint(path)
+
+
+def test_the_default_ramp_ends_before_the_gates_polarize():
+    assert TrainConfig(epochs=4, target=0.5).ramp_fraction() == 0.75 * 1 / 4  # λ↑: 0 in epoch 1
+    steps = TrainConfig(epochs=10, target=0.5, polar_steps=(4, 8))
+    assert steps.ramp_fraction() == 0.75 * 4 / 10
+    assert TrainConfig(epochs=4, polar_schedule="constant").ramp_fraction() == 0.25
+    assert TrainConfig(epochs=4, target_ramp=0.6).ramp_fraction() == 0.6
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    gated = toy_gated(blocks=2)
+    data = shuffled(TensorDataset(*toy_tensors(32, 0)), 16, 0)
+    train_module.train(gated, data, None, TrainConfig(epochs=1, progress=False),
+                       out_dir=tmp_path, log=quiet)  # fmt: skip
+    with pytest.raises(ValueError, match=r"different recipe.*lr: 0.1 -> 0.05"):
+        train_module.train(toy_gated(blocks=2), data, None,
+                           TrainConfig(epochs=2, lr=0.05, progress=False), out_dir=tmp_path,
+                           resume=True, log=quiet)  # fmt: skip

@@ -1,0 +1,79 @@
+"""The timing core: one model in this process, and the process-isolated comparison."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import consensus_gates as cg
+from consensus_gates.bench import BenchConfig, Measurement, measure, ratios
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_measure_reports_consistent_numbers():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    m = measure(model, (3, 16, 16), 4, BenchConfig(threads=1, warmup=1, runs=5), name="tiny")
+    assert (m.model, m.batch, m.threads, m.dtype) == ("tiny", 4, 1, "float32")
+    assert 0 < m.median_ms <= m.p90_ms
+    assert m.throughput == pytest.approx(4 / (m.median_ms / 1e3))
+    assert m.energy_mj_per_image is None  # no NVML on a CPU
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"device": "tpu"}, "device must be 'cpu' or 'cuda'"),
+     ({"dtype": "int8"}, "dtype must be one of"),
+     ({"runs": 0}, "runs and buffers >= 1")],
+)  # fmt: skip
+def test_bad_config_is_refused_clearly(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BenchConfig(**kwargs)
+
+
+def test_cuda_refused_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        BenchConfig(device="cuda")
+
+
+def test_ratios_against_a_baseline():
+    def m(name, ms, flops):
+        return Measurement(name, 8, "cpu", "float32", 2, ms, ms, 0.0, flops=flops, params=10)
+
+    r = ratios([m("original", 10.0, 100), m("slim", 6.0, 50)], "original")
+    assert r[("slim", 8)] == {"latency": 0.6, "flops": 0.5, "params": 1.0}
+    with pytest.raises(ValueError, match="no results for the baseline 'nope'"):
+        ratios([m("slim", 6.0, 50)], "nope")
+
+
+@pytest.mark.slow
+def test_after_gate_benchmark_quick_mode_runs():
+    """examples/benchmarks/after_gate_add.py --quick: exports, times each model in its own
+    process (bench.compare) and prints the table, so the script cannot rot."""
+    script = ROOT / "examples" / "benchmarks" / "after_gate_add.py"
+    run = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True,
+                         text=True, timeout=400)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["full width", "index_add", "index_copy"]
+    flops = [float(r.split("|")[2]) for r in rows]
+    assert flops[0] == 1.0 and flops[1] == flops[2] < 0.8  # both cut the same channels
+
+
+def test_slim_model_has_no_gate_ops_and_the_params_of_a_smaller_resnet():
+    """After surgery no gate module, mask or gate call is left, and the parameter count is
+    that of a model built directly with the kept shape."""
+    gated = cg.insert_gates(cg.create_model("resnet20"), torch.randn(2, 3, 32, 32))
+    keep = {n: n.endswith(".0") for n in gated.gates}  # the first block of each stage
+    slim = cg.materialize(gated, keep)
+    assert not any(isinstance(m, cg.Gate) for m in slim.modules())
+    targets = {str(n.target) for n in slim.graph.nodes}
+    assert not any("gate" in t for t in targets)
+    direct = cg.create_model("resnet20")
+    for stage in (direct.layer1, direct.layer2, direct.layer3):
+        del stage[1:]
+    assert sum(p.numel() for p in slim.parameters()) == sum(p.numel() for p in direct.parameters())
