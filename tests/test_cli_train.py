@@ -164,3 +164,26 @@ def test_train_resume_without_a_checkpoint(tmp_path):
     result, out = _train(tmp_path, "--data", "fashion_mnist", "--data-root",
                          str(tmp_path / "data"), "--batch-size", "4", "--resume")  # fmt: skip
     assert "no such checkpoint" in _clean_failure(result)
+
+
+def test_train_a_saved_model_file_and_refuse_a_slim_one(tmp_path):
+    """MODEL may be a file written by `save`: a plain model gets gates and keeps its weights;
+    a slim model has nothing left to gate."""
+    fake_fashion_mnist(tmp_path / "data", n_train=16, n_test=8)
+    plain = cg.create_model("resnet20", in_channels=1, num_classes=10)
+    cg.save(plain, tmp_path / "plain.safetensors")
+    data = ["--data", "fashion_mnist", "--data-root", str(tmp_path / "data"), "--batch-size", "8"]
+    argv = ["train", str(tmp_path / "plain.safetensors"), "--epochs", "1", "--lr", "1e-9",
+            "--out", str(tmp_path / "run"), "--no-progress", *data]  # fmt: skip
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    gated = model_from_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert len(gated.gates) == 9
+    # lr 1e-9: the trained weights are still the saved ones, to within the tiny update
+    assert _rel(gated.get_parameter("conv1.weight").detach(), plain.conv1.weight.detach()) < 1e-6
+
+    gated.eval()
+    slim = cg.materialize(gated, dict.fromkeys(gated.gates, False))
+    cg.save(slim, tmp_path / "slim.safetensors")
+    argv[1] = str(tmp_path / "slim.safetensors")
+    assert "already a slim model" in _clean_failure(CliRunner().invoke(main, argv))
