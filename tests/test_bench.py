@@ -1,5 +1,6 @@
 """The timing core: one model in this process, and the process-isolated comparison."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,48 @@ def test_slim_model_has_no_gate_ops_and_the_params_of_a_smaller_resnet():
     for stage in (direct.layer1, direct.layer2, direct.layer3):
         del stage[1:]
     assert sum(p.numel() for p in slim.parameters()) == sum(p.numel() for p in direct.parameters())
+
+
+@pytest.mark.slow
+def test_cgates_bench_json_schema_and_ratios(tmp_path):
+    """A zoo model against a slim file of it: one process per model and batch, the JSON
+    schema, and ratios that agree with the measurements and with fvcore."""
+    from click.testing import CliRunner
+
+    from consensus_gates.cli import main
+
+    gated = cg.insert_gates(cg.create_model("resnet20"), torch.randn(2, 3, 32, 32))
+    slim = cg.materialize(gated, {n: n.endswith(".0") for n in gated.gates})
+    cg.save(slim, tmp_path / "slim.safetensors")
+    argv = ["bench", "resnet20", str(tmp_path / "slim.safetensors"), "--batch", "1,2",
+            "--rounds", "1", "--runs", "2", "--warmup", "1", "--threads", "1",
+            "--json"]  # fmt: skip
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["baseline"] == "resnet20" and report["input_shape"] == [3, 32, 32]
+    rows = {(m["model"], m["batch"]): m for m in report["results"]}
+    assert set(rows) == {(n, b) for n in ("resnet20", "slim.safetensors") for b in (1, 2)}
+    for m in rows.values():
+        assert {"median_ms", "p90_ms", "throughput", "peak_memory_mb", "flops", "params"} <= set(m)
+        assert m["threads"] == 1 and m["median_ms"] > 0
+        base = rows[("resnet20", m["batch"])]
+        assert m["ratio"]["latency"] == pytest.approx(m["median_ms"] / base["median_ms"])
+    x = torch.randn(1, 3, 32, 32)
+    expected = cg.flops(slim, x).flops / cg.flops(cg.create_model("resnet20"), x).flops
+    assert rows[("slim.safetensors", 1)]["ratio"]["flops"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--batch", "0,x"], "expected batch sizes such as 1,16,64"),
+     (["--device", "tpu"], "device must be 'cpu' or 'cuda'")],
+)  # fmt: skip
+def test_cgates_bench_bad_input_is_one_clear_line(args, message):
+    from click.testing import CliRunner
+
+    from consensus_gates.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "resnet20", *args])
+    assert result.exit_code != 0 and message in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,118 @@
+"""`cgates bench`: latency, throughput, memory and FLOPs of models, each in its own process."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+import torch
+
+from ..bench import BenchConfig, compare, ratios
+from ..saving import read_spec, save
+from ..surgery import materialize
+from .app import main, model_arg_option, parse_model_args, parse_shape
+from .slim import load_gated
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        batches = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise click.BadParameter(f"expected batch sizes such as 1,16,64, got {text!r}",
+                                 param_hint="--batch")  # fmt: skip
+    return batches
+
+
+def _expand(models: tuple[str, ...], tmp: Path) -> tuple[dict[str, str], tuple[int, ...] | None]:
+    """Label → what a worker loads; a gated checkpoint is timed gated and slim. Also the
+    input shape a saved file records."""
+    refs, shape = {}, None
+    for ref in models:
+        path = Path(ref)
+        if path.suffix == ".pt":  # a trainer checkpoint: the gated model and its slim cut
+            gated = load_gated(path).eval()
+            shape = shape or tuple(gated.spec["inputs"][0]["shape"][1:])
+            for kind, model in (("gated", gated), ("slim", materialize(gated))):
+                refs[f"{path.stem} ({kind})"] = str(tmp / f"{len(refs)}-{kind}.safetensors")
+                save(model, refs[f"{path.stem} ({kind})"])
+        else:
+            if path.suffix == ".safetensors":
+                spec = read_spec(path)
+                if spec.get("inputs"):
+                    shape = shape or tuple(spec["inputs"][0]["shape"][1:])
+            refs[path.name if path.is_file() else ref] = ref
+    return refs, shape
+
+
+@main.command("bench")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--batch", "batch_text", default="1,16,64", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              default="float32", show_default=True)  # fmt: skip
+@click.option("--threads", type=int, default=None, help="CPU threads [torch's default]")
+@click.option("--input-shape", default=None, metavar="C,H,W",
+              help="one sample's shape [the saved one, else 3,224,224]")  # fmt: skip
+@click.option("--rounds", default=3, show_default=True, help="processes per model and batch")
+@click.option("--runs", default=50, show_default=True, help="timed runs per process")
+@click.option("--warmup", default=10, show_default=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile each model first")
+@click.option("--channels-last", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@model_arg_option
+def bench_command(models: tuple[str, ...], batch_text: str, device: str, dtype: str,
+                  threads: int | None, input_shape: str | None, rounds: int, runs: int,
+                  warmup: int, compile_: bool, channels_last: bool, as_json: bool,
+                  model_args: tuple[str, ...]) -> None:  # fmt: skip
+    """Time MODELS, each in its own process, alternating; the first is the baseline.
+
+    A model is a slim or plain .safetensors file, a .pt2, a trainer checkpoint.pt (timed
+    both gated and slim) or a zoo / torchvision name.
+
+    \b
+    Examples:
+      cgates bench resnet56 runs/train/slim/slim.safetensors --batch 1,64
+      cgates bench runs/train/checkpoint.pt --batch 64 --json
+      cgates bench resnet50 --device cuda --dtype float16 --batch 1,16,64,256
+    """
+    batches = _batches(batch_text)
+    try:
+        config = BenchConfig(device=device, dtype=dtype, threads=threads, warmup=warmup,
+                             runs=runs, compile=compile_, channels_last=channels_last)  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            refs, saved_shape = _expand(models, Path(tmp))
+            shape = parse_shape(input_shape) if input_shape else saved_shape or (3, 224, 224)
+            kwargs = parse_model_args(model_args)
+            results = compare(refs, shape, batches, config, rounds=rounds,
+                              model_args={k: kwargs for k in refs})  # fmt: skip
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from e
+    baseline = next(iter(refs))
+    r = ratios(results, baseline)
+    report = {
+        "config": asdict(config),
+        "torch": torch.__version__,
+        "input_shape": list(shape),
+        "baseline": baseline,
+        "results": [m.to_dict() | {"ratio": r[(m.model, m.batch)]} for m in results],
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"input {tuple(shape)}, {results[0].device}, {config.dtype}, "
+               f"{results[0].threads} threads, torch {torch.__version__}; median of {rounds} "
+               f"processes; ratios against {baseline}")  # fmt: skip
+    click.echo(f"{'model':<32}{'batch':>6}{'ms':>10}{'p90 ms':>10}{'img/s':>10}{'peak MB':>9}"
+               f"{'MFLOPs':>10}{'latency x':>10}{'FLOPs x':>9}")  # fmt: skip
+    for m in results:
+        q = r[(m.model, m.batch)]
+        flops = f"{m.flops / 1e6:.2f}" if m.flops else "-"
+        fx = f"{q['flops']:.3f}" if q["flops"] else "-"
+        click.echo(f"{m.model[:31]:<32}{m.batch:>6}{m.median_ms:>10.2f}{m.p90_ms:>10.2f}"
+                   f"{m.throughput:>10.1f}{m.peak_memory_mb:>9.1f}{flops:>10}"
+                   f"{q['latency']:>10.3f}{fx:>9}")  # fmt: skip
