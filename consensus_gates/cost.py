@@ -102,22 +102,23 @@ def flops_ratio(model: nn.Module, decisions: Mapping | None = None) -> float:
     that fraction of its branch. Exact for layer gates; a channel gate counts only what its
     own cut saves. Cheap after the first call, which measures the costs (`branch_costs`)."""
     gated = require_gated(model)
-    kept = {n: kept_fraction(d) for n, d in resolve_decisions(gated, decisions).items()}
-    return _ratio(gated, kept)
+    kept = [kept_fraction(d) for d in resolve_decisions(gated, decisions).values()]
+    return _ratio(gated, torch.tensor(kept, dtype=torch.float64))
 
 
 def expected_flops_ratio(model: nn.Module) -> float:
     """`flops_ratio` with each gate's units open at their running open rates: the expected
     size of the sub-network while training, before the gates have polarized."""
     gated = require_gated(model)
-    kept = {n: g.running_open_rate.float().mean().item() for n, g in gated.gates.items()}
-    return _ratio(gated, kept)
+    rates = [g.running_open_rate.float().mean() for g in gated.gates.values()]
+    return _ratio(gated, torch.stack(rates).double())
 
 
-def _ratio(gated, kept: Mapping[str, float]) -> float:
-    if getattr(gated, "_cg_original_flops", None) is None or any(
-        g.branch_flops.item() < 0 for g in gated.gates.values()
-    ):
+def _ratio(gated, kept: Tensor) -> float:
+    """1 - Σ (1 - kept) · branch FLOPs / original FLOPs, `kept` in gate order."""
+    gates = list(gated.gates.values())
+    branch = torch.stack([g.branch_flops for g in gates])
+    if getattr(gated, "_cg_original_flops", None) is None or bool((branch < 0).any()):
         devices = [p.device for p in gated.parameters() if p.is_cuda][:1]
         with torch.random.fork_rng(devices=devices):  # a resumed run must draw the same numbers
             inputs = example_inputs_of(gated)
@@ -125,6 +126,6 @@ def _ratio(gated, kept: Mapping[str, float]) -> float:
         all_open = {n: normalize_decision(g, True) for n, g in gated.gates.items()}
         total = flops(slim_graph_module(copy.deepcopy(gated), all_open), inputs).flops
         gated._cg_original_flops = total  # a plain attribute: not a weight, not in the spec
-    gates = gated.gates
-    saved = sum((1 - k) * gates[n].branch_flops.item() for n, k in kept.items())
+        branch = torch.stack([g.branch_flops for g in gates])
+    saved = ((1 - kept.to(branch.device)) * branch.double()).sum().item()
     return 1 - saved / gated._cg_original_flops

@@ -54,7 +54,7 @@ def polarization_loss(model: nn.Module) -> Tensor:
     gets the same value and, after DistributedDataParallel averages the gradients, the
     gradient of one process on the whole batch."""
     _, means = _batch_means(model)
-    return torch.stack([((1 - m) * m).mean() for m in means]).mean()
+    return _polarization(means)
 
 
 def activation_loss(model: nn.Module, weight: Literal["uniform", "flops"] = "uniform") -> Tensor:
@@ -67,6 +67,23 @@ def activation_loss(model: nn.Module, weight: Literal["uniform", "flops"] = "uni
     not a gate count. The FLOPs are measured once, on first use (`branch_costs`).
     """
     gates, means = _batch_means(model)
+    return _activation(model, gates, means, weight)
+
+
+def gate_losses(
+    model: nn.Module, weight: Literal["uniform", "flops"] = "uniform"
+) -> tuple[Tensor, Tensor]:
+    """``(polarization_loss(model), activation_loss(model, weight))`` from one pass over the
+    gates' decisions (under torch.distributed, one all-reduce instead of two)."""
+    gates, means = _batch_means(model)
+    return _polarization(means), _activation(model, gates, means, weight)
+
+
+def _polarization(means: list[Tensor]) -> Tensor:
+    return torch.stack([((1 - m) * m).mean() for m in means]).mean()
+
+
+def _activation(model: nn.Module, gates: list[Gate], means: list[Tensor], weight: str) -> Tensor:
     mean = torch.stack([m.mean() for m in means])
     if weight == "uniform":
         return mean.mean()

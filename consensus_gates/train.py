@@ -33,7 +33,7 @@ from .consensus import consensus
 from .cost import expected_flops_ratio, flops_ratio
 from .errors import TrainingDiverged
 from .insert import GatedModel, require_gated
-from .losses import activation_loss, polarization_loss
+from .losses import gate_losses
 from .plots import plot_curves, plot_gates
 from .saving import atomic_path
 
@@ -322,19 +322,22 @@ def train(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = net(x)
             task = F.cross_entropy(logits, y)
-            polar = polarization_loss(gated)
-            act = activation_loss(gated, weight=config.act_weight)
+            polar, act = gate_losses(gated, weight=config.act_weight)
             loss = task + lam_polar * polar + lam_act * act
-            if not math.isfinite(loss.item()):
+            correct = (logits.argmax(1) == y).sum().to(loss.dtype)
+            # one device sync per step: the loss parts and the hits, as float64 on the CPU
+            values = torch.stack([loss, task, polar, act, correct]).detach().double().cpu()
+            total, task_v, polar_v, act_v = values[:4].tolist()
+            if not math.isfinite(total):
                 last = (
                     f"{out / CHECKPOINT} (epoch {records[-1]['epoch']})"
                     if out is not None and records
                     else "none (no epoch finished)"
                 )
                 raise TrainingDiverged(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1} "
-                    f"(task {task.item():.4g}, R_polar {polar.item():.4g}, R_act "
-                    f"{act.item():.4g}); the last good checkpoint is {last}. Lower the learning "
+                    f"the loss became {total} at epoch {epoch + 1}, step {steps + 1} "
+                    f"(task {task_v:.4g}, R_polar {polar_v:.4g}, R_act "
+                    f"{act_v:.4g}); the last good checkpoint is {last}. Lower the learning "
                     "rate or the λs, then --resume or start again."
                 )
             opt.zero_grad(set_to_none=True)
@@ -342,14 +345,11 @@ def train(
             opt.step()
             if controller is not None:
                 lam_act = controller.step()
-            correct = (logits.argmax(1) == y).sum().item()
-            sums += torch.tensor(
-                [loss.item(), task.item(), polar.item(), act.item(), correct, len(y)],
-                dtype=torch.float64,
-            )
+            sums[:5] += values
+            sums[5] += len(y)
             steps += 1
             if steps % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", polar=f"{polar.item():.3f}")
+                bar.set_postfix(loss=f"{total:.3f}", polar=f"{polar_v:.3f}")
         sched.step()
         if world > 1:
             sums = sums.to(device)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import consensus_gates as cg
 from consensus_gates.heads import BernoulliHead, GumbelHead, SteHead
+from consensus_gates.losses import gate_losses
 
 
 def test_ste_forward_and_gradient_window():
@@ -61,6 +62,11 @@ def test_polarization_and_activation_on_hand_decisions():
     for gate, flops in zip(gated.gates.values(), [1, 2, 1], strict=True):
         gate.branch_flops.fill_(flops)
     assert cg.activation_loss(gated, weight="flops").item() == pytest.approx(2.75 / 4)
+    polar, act = gate_losses(gated, weight="flops")  # the trainer's one pass over both
+    assert (polar.item(), act.item()) == (
+        cg.polarization_loss(gated).item(),
+        cg.activation_loss(gated, weight="flops").item(),
+    )
 
 
 def test_polarization_gradient_through_the_ste_head():
