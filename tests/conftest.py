@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,17 @@ from torch import nn
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one thread per worker: two workers share the two cores
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: one intra-op thread is as fast, and avoids OpenMP's
+    pathological slowdown when another process competes for the cores. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +54,18 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max abs difference relative to the max abs of `a`."""
     scale = a.abs().max().clamp_min(1e-12)
     return ((a - b).abs().max() / scale).item()
+
+
+def fake_fashion_mnist(root: Path, n_train: int, n_test: int) -> Path:
+    """A small Fashion-MNIST in torchvision's on-disk layout (FashionMNIST/raw/*-ubyte):
+    labels 0..9 in turn, and images that depend on the label, so a few steps learn."""
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        images = (torch.rand(n, 28, 28) * 60 + labels.view(-1, 1, 1) * 19).clamp(0, 255)
+        for kind, magic, data in (("images-idx3", 2051, images), ("labels-idx1", 2049, labels)):
+            header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in data.shape)
+            body = data.to(torch.uint8).numpy().tobytes()
+            (raw / f"{split}-{kind}-ubyte").write_bytes(header + body)
+    return root

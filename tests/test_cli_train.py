@@ -8,23 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_data import fake_fashion_mnist  # the idx files torchvision reads
 
 import consensus_gates as cg
 from consensus_gates.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from consensus_gates.cli import main
 
+from conftest import fake_fashion_mnist, rel_diff
+
 CLOSED = ("layer1.1", "layer2.2", "layer3.0")  # a downsampling block too
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small models: one intra-op thread is as fast, and avoids OpenMP's pathological
-    slowdown when another process competes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _clean_failure(result, exit_code: int = 1) -> str:
@@ -36,10 +30,6 @@ def _clean_failure(result, exit_code: int = 1) -> str:
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, result.output
     return result.output
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max())
 
 
 @pytest.mark.slow
@@ -96,8 +86,8 @@ def test_train_then_slim_end_to_end(tmp_path):
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         expected = reference(x)
-        assert _rel(expected, slim(x)) <= 1e-5
-        assert _rel(expected, exported(x)) <= 1e-5
+        assert rel_diff(expected, slim(x)) <= 1e-5
+        assert rel_diff(expected, exported(x)) <= 1e-5
 
 
 def test_slim_refuses_a_slim_model(tmp_path):
@@ -180,7 +170,9 @@ def test_train_a_saved_model_file_and_refuse_a_slim_one(tmp_path):
     gated = model_from_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert len(gated.gates) == 9
     # lr 1e-9: the trained weights are still the saved ones, to within the tiny update
-    assert _rel(gated.get_parameter("conv1.weight").detach(), plain.conv1.weight.detach()) < 1e-6
+    assert (
+        rel_diff(gated.get_parameter("conv1.weight").detach(), plain.conv1.weight.detach()) < 1e-6
+    )
 
     gated.eval()
     slim = cg.materialize(gated, dict.fromkeys(gated.gates, False))

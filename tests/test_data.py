@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,8 @@ from consensus_gates.data import (
     make_loaders,
 )
 from consensus_gates.errors import DataError
+
+from conftest import fake_fashion_mnist
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -107,17 +108,6 @@ def fake_image_folder(root: Path, test_split: str = "val", classes=("cat", "dog"
     return root
 
 
-def fake_fashion_mnist(root: Path, n_train: int = 30, n_test: int = 10) -> None:
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        images = np.random.default_rng(n).integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = np.arange(n, dtype=np.uint8) % 10
-        for kind, magic, data in (("images-idx3", 2051, images), ("labels-idx1", 2049, labels)):
-            header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in data.shape)
-            (raw / f"{split}-{kind}-ubyte").write_bytes(header + data.tobytes())
-
-
 # --- names and info ---
 
 
@@ -176,7 +166,7 @@ def test_cifar100_fine_labels(tmp_path, no_md5):
 
 
 def test_fashion_mnist_normalization(tmp_path):
-    fake_fashion_mnist(tmp_path)
+    fake_fashion_mnist(tmp_path, n_train=30, n_test=10)
     train, test, info = build_datasets("fashion_mnist", tmp_path, augment=False)
     assert (len(train), len(test), info.in_channels) == (30, 10, 1)
     x, y = train[3]

@@ -2,13 +2,14 @@
 
 import json
 import re
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import fake_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -44,27 +45,8 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "slim.safetensors").is_file() and (tmp_path / "slim.pt2").is_file()
 
 
-def _write_idx(path: Path, data: torch.Tensor) -> None:
-    magic = 2051 if data.dim() == 3 else 2049  # images / labels, as in the MNIST format
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in data.shape)
-    path.write_bytes(header + data.to(torch.uint8).numpy().tobytes())
-
-
-def fake_fashion_mnist(root: Path, n_train: int = 256, n_test: int = 128) -> Path:
-    """A small Fashion-MNIST in torchvision's on-disk layout (FashionMNIST/raw/*-ubyte)."""
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = torch.randint(0, 10, (n,))
-        # class-dependent images, so a few steps can learn something
-        images = (torch.rand(n, 28, 28) * 60 + labels.view(-1, 1, 1) * 19).clamp(0, 255)
-        _write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
-    return root
-
-
 def test_quickstart_example_end_to_end(tmp_path):
-    root = fake_fashion_mnist(tmp_path / "data")
+    root = fake_fashion_mnist(tmp_path / "data", n_train=256, n_test=128)
     out = tmp_path / "out"
     cmd = [
         sys.executable, str(ROOT / "examples" / "fashion_mnist_quickstart.py"),
@@ -88,7 +70,7 @@ def test_quickstart_example_says_where_the_data_should_be(tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_small_setting(tmp_path):
     """`cgates demo`: train, slim, bench in separate processes, report; files and numbers."""
-    root = fake_fashion_mnist(tmp_path / "data")
+    root = fake_fashion_mnist(tmp_path / "data", n_train=256, n_test=128)
     out = tmp_path / "demo"
     cmd = [
         sys.executable, "-m", "consensus_gates.cli", "demo", "--data-root", str(root),

@@ -72,14 +72,7 @@ def kwargs_net(device: torch.device | None = None, tag: object = None) -> MyNet:
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and it avoids OpenMP's
-    pathological slowdown (100x) when another process competes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(code: str, *args: str, cwd: Path) -> None:
