@@ -8,8 +8,10 @@ models from round to round (A B, B A, ...), and reports the median over rounds.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -27,6 +29,28 @@ from .cost import flops, set_training
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in this process instead of returning it to the
+    OS; True if it could (Linux with glibc).
+
+    By default every large freed block goes back to the OS, so each forward pass page-faults
+    its activation memory in afresh: a cost that grows with activation bytes, not FLOPs, and
+    that can be a third of a small CNN's CPU time. jemalloc and tcmalloc keep such memory;
+    this does the same for glibc, for the rest of the process. The price: the process holds
+    on to its peak memory.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's largest threshold
+            and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # never shrink the heap
+        )
+    except (OSError, AttributeError):  # not glibc
+        return False
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -43,6 +67,8 @@ class BenchConfig:
             not flatter small models.
         compile: run the model through ``torch.compile`` first.
         channels_last: convert model and inputs to channels-last memory format.
+        keep_freed_memory: call `keep_freed_memory` first, as a CPU deployment with jemalloc
+            or tcmalloc would run (for the rest of the process: use it through `compare`).
     """
 
     device: str = "cpu"
@@ -53,6 +79,7 @@ class BenchConfig:
     buffers: int = 4
     compile: bool = False
     channels_last: bool = False
+    keep_freed_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -79,7 +106,7 @@ class Measurement:
     threads: int
     median_ms: float
     p90_ms: float
-    peak_memory_mb: float  # CUDA: max_memory_allocated; CPU: growth of the peak RSS
+    peak_memory_mb: float  # what inference adds: CUDA max_memory_allocated, CPU peak RSS
     energy_mj_per_image: float | None = None  # NVIDIA GPUs with nvidia-ml-py only
     flops: int | None = None  # fvcore, per image
     params: int | None = None
@@ -95,8 +122,35 @@ class Measurement:
         return {**asdict(self), "throughput": self.throughput}
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _status_mb(field: str) -> float | None:
+    """VmRSS / VmHWM of this process from /proc (Linux), in MiB."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) / 1024 if match else None
+
+
+class _PeakRss:
+    """Peak resident memory from now on, over the current resident memory now. Linux can
+    reset the high-water mark (/proc/self/clear_refs); elsewhere the process's lifetime peak
+    (ru_maxrss) stands in, which counts only growth beyond everything before."""
+
+    def __init__(self) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = _status_mb("VmRSS")
+        except OSError:
+            self.base = None
+        if self.base is None:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
+
+    def growth(self) -> float:
+        peak = _status_mb("VmHWM")
+        if peak is None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return max(0.0, peak - self.base)
 
 
 class _Energy:
@@ -131,13 +185,16 @@ def measure(
     """Time `model` on random batches of shape ``(batch, *input_shape)`` in this process.
 
     Call it in a fresh process for comparisons (see `compare`): what ran before changes
-    the timings.
+    the timings. On CPU the peak memory is the peak resident memory during the runs over
+    that just before the first one.
     """
     config = config or BenchConfig()
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    if config.keep_freed_memory:
+        keep_freed_memory()
     device, dtype = torch.device(config.device), DTYPES[config.dtype]
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device=device, dtype=dtype)
@@ -155,15 +212,17 @@ def measure(
     ]
     cuda = device.type == "cuda"
     energy = _Energy(device)
+    # the baseline before the first forward: what inference itself needs, at this batch
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    rss = _PeakRss()
     with torch.inference_mode():
         for i in range(config.warmup):
             model(inputs[i % len(inputs)])
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        rss = _peak_rss_mb()
         times, start_energy = [], energy()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for i in range(config.runs):
             x = inputs[i % len(inputs)]
             if cuda:
@@ -178,10 +237,8 @@ def measure(
                 model(x)
                 times.append((time.perf_counter() - t0) * 1e3)
         end_energy = energy()
-    if cuda:
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        peak = _peak_rss_mb() - rss
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else rss.growth()
     per_image = None
     if start_energy is not None and end_energy is not None:
         per_image = (end_energy - start_energy) / (config.runs * batch)
@@ -196,6 +253,8 @@ def measure(
         p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
         peak_memory_mb=peak,
         energy_mj_per_image=per_image,
+        # memory the allocator had returned to the OS and touched again: `keep_freed_memory`
+        extra={"page_faults_per_run": faults / config.runs},
     )
 
 

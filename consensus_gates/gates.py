@@ -7,6 +7,7 @@ and can be pinned to fixed decisions.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -63,7 +64,10 @@ class Gate(nn.Module):
         if self.feature_dim is None:
             return x.flatten(1)
         dims = [d for d in range(1, x.dim()) if d != self.feature_dim]
-        return x.mean(dim=dims) if dims else x
+        if not dims:
+            return x
+        # a sum divided afterwards: mean's backward would divide the whole input gradient
+        return x.sum(dim=dims) / math.prod(x.shape[d] for d in dims)
 
     def logits(self, pooled: Tensor) -> Tensor:
         if hasattr(self, "fc1"):

@@ -89,9 +89,11 @@ def _activation(model: nn.Module, gates: list[Gate], means: list[Tensor], weight
         return mean.mean()
     if weight != "flops":
         raise ValueError(f"weight must be 'uniform' or 'flops', got {weight!r}")
-    if any(g.branch_flops.item() < 0 for g in gates):
+    w = torch.stack([g.branch_flops for g in gates])
+    if (w < 0).any():  # one check for all gates: on a GPU, one sync instead of one per gate
         from .cost import branch_costs
 
         branch_costs(model)  # fills each gate's branch_flops
-    w = torch.stack([g.branch_flops for g in gates]).to(mean)
+        w = torch.stack([g.branch_flops for g in gates])
+    w = w.to(mean)
     return (w * mean).sum() / w.sum().clamp_min(1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import consensus_gates as cg
-from consensus_gates.bench import BenchConfig, Measurement, measure, ratios
+from consensus_gates.bench import BenchConfig, Measurement, compare, measure, ratios
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +65,41 @@ def test_after_gate_benchmark_quick_mode_runs():
     assert flops[0] == 1.0 and flops[1] == flops[2] < 0.8  # both cut the same channels
 
 
+@pytest.mark.slow
+def test_slim_speed_benchmark_quick_mode_writes_its_sections(tmp_path):
+    """examples/benchmarks/slim_speed.py --quick runs P1–P4 on small models and rewrites only
+    its own spans of the doc: the prose around them stays."""
+    script = ROOT / "examples" / "benchmarks" / "slim_speed.py"
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(
+        "# Benchmarks\n\nHand-written intro.\n\n<!-- begin setup cpu -->\nold\n"
+        "<!-- end setup cpu -->\n\n"
+        + "".join(f"<!-- begin P{i} cpu -->\nold\n<!-- end P{i} cpu -->\n\nProse {i}.\n\n"
+                  for i in range(1, 5))
+        + "<!-- begin P1 cuda -->\nno GPU\n<!-- end P1 cuda -->\n"
+    )  # fmt: skip
+    run = subprocess.run([sys.executable, str(script), "--quick", "--out", str(doc)],
+                         capture_output=True, text=True, timeout=500)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = doc.read_text()
+    assert "Hand-written intro." in text and "Prose 4." in text and "no GPU" in text
+    assert "old" not in text and "slim_speed.py --quick" in text and "torch " in text
+
+    def rows(key: str) -> list[list[str]]:
+        body = text.split(f"<!-- begin {key} -->")[1].split(f"<!-- end {key} -->")[0]
+        lines = [r for r in body.splitlines() if r.startswith("| ") and "---" not in r]
+        return [[c.strip() for c in r.split("|")[1:-1]] for r in lines if r[2:7] != "model"]
+
+    p1 = {r[0]: r for r in rows("P1 cpu")}
+    assert list(p1) == ["original", "50% blocks closed", "50% channels closed"]
+    assert float(p1["original"][1]) == 1.0
+    assert all(0.4 < float(p1[k][1]) < 0.7 for k in list(p1)[1:])  # FLOPs ratios
+    (p2,) = rows("P2 cpu")[1:]  # slim and hand-built: the same parameter count, asserted
+    assert p2[0] == "50% blocks closed" and p2[1] == "1/2/2"
+    assert [r[0] for r in rows("P3 cpu")[:3]] == ["ungated", "layer gates", "channel gates"]
+    assert "`materialize, channel`" in [r[0] for r in rows("P4 cpu")]
+
+
 def test_slim_model_has_no_gate_ops_and_the_params_of_a_smaller_resnet():
     """After surgery no gate module, mask or gate call is left, and the parameter count is
     that of a model built directly with the kept shape."""
@@ -74,10 +109,13 @@ def test_slim_model_has_no_gate_ops_and_the_params_of_a_smaller_resnet():
     assert not any(isinstance(m, cg.Gate) for m in slim.modules())
     targets = {str(n.target) for n in slim.graph.nodes}
     assert not any("gate" in t for t in targets)
-    direct = cg.create_model("resnet20")
-    for stage in (direct.layer1, direct.layer2, direct.layer3):
-        del stage[1:]
+    direct = cg.create_model("cifar_resnet", blocks=(1, 1, 1))
     assert sum(p.numel() for p in slim.parameters()) == sum(p.numel() for p in direct.parameters())
+    # the same tensors under the same names: the slim model is that network
+    direct.load_state_dict(slim.state_dict(), strict=True)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(slim.eval()(x), direct.eval()(x))
 
 
 @pytest.mark.slow
@@ -93,7 +131,7 @@ def test_cgates_bench_json_schema_and_ratios(tmp_path):
     cg.save(slim, tmp_path / "slim.safetensors")
     argv = ["bench", "resnet20", str(tmp_path / "slim.safetensors"), "--batch", "1,2",
             "--rounds", "1", "--runs", "2", "--warmup", "1", "--threads", "1",
-            "--json"]  # fmt: skip
+            "--keep-memory", "--json"]  # fmt: skip
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -103,6 +141,7 @@ def test_cgates_bench_json_schema_and_ratios(tmp_path):
     for m in rows.values():
         assert {"median_ms", "p90_ms", "throughput", "peak_memory_mb", "flops", "params"} <= set(m)
         assert m["threads"] == 1 and m["median_ms"] > 0
+        assert report["config"]["keep_freed_memory"] and m["extra"]["page_faults_per_run"] >= 0
         base = rows[("resnet20", m["batch"])]
         assert m["ratio"]["latency"] == pytest.approx(m["median_ms"] / base["median_ms"])
     x = torch.randn(1, 3, 32, 32)
@@ -123,3 +162,39 @@ def test_cgates_bench_bad_input_is_one_clear_line(args, message):
     result = CliRunner().invoke(main, ["bench", "resnet20", *args])
     assert result.exit_code != 0 and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_peak_memory_is_what_inference_adds():
+    """On CPU, the peak-RSS growth from just before the first forward, in a fresh process
+    (a high-water mark: `compare` gives every model its own): a conv whose output is 64 MiB
+    per batch needs at least that much; on one small image it needs almost nothing."""
+    code = """
+import json, torch
+from consensus_gates.bench import BenchConfig, measure
+config = BenchConfig(threads=1, warmup=1, runs=2, buffers=1)
+conv = torch.nn.Conv2d(3, 64, 3, padding=1)
+small = measure(conv, (3, 8, 8), 1, config)
+big = measure(conv, (3, 128, 128), 16, config)  # output 16*64*128*128 floats = 64 MiB
+print(json.dumps([small.peak_memory_mb, big.peak_memory_mb]))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    small, big = json.loads(run.stdout.splitlines()[-1])
+    assert small < 5
+    assert big >= 60
+
+
+@pytest.mark.slow
+def test_keep_freed_memory_ends_the_page_faults_of_each_forward(tmp_path):
+    """With glibc's defaults each forward touches freshly mapped activation memory again;
+    with keep_freed_memory (applied in each timing process) it stays in the process."""
+    model = tmp_path / "resnet20.pt2"
+    x = torch.randn(2, 3, 32, 32)
+    cg.export(cg.create_model("resnet20").eval(), x, model)
+    config = BenchConfig(threads=1, warmup=2, runs=3)
+    (default,) = compare({"m": model}, (3, 32, 32), [32], config, rounds=1)
+    kept_config = BenchConfig(threads=1, warmup=2, runs=3, keep_freed_memory=True)
+    (kept,) = compare({"m": model}, (3, 32, 32), [32], kept_config, rounds=1)
+    # 32 images x 16 channels x 32 x 32 floats = 2 MiB per activation: hundreds of pages each
+    assert default.extra["page_faults_per_run"] > 1000
+    assert kept.extra["page_faults_per_run"] < 0.1 * default.extra["page_faults_per_run"]

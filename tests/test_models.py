@@ -24,6 +24,19 @@ def test_cifar_resnets_have_the_papers_sizes(name, blocks, params):
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_cifar_resnet_with_per_stage_block_counts():
+    m = cg.create_model("cifar_resnet", blocks=(3, 1, 2), num_classes=7)
+    assert [len(getattr(m, f"layer{i}")) for i in (1, 2, 3)] == [3, 1, 2]
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    # with n blocks in every stage it is ResNet-(6n+2), parameter for parameter
+    same = cg.create_model("cifar_resnet", blocks=(3, 3, 3)).state_dict()
+    assert {k: v.shape for k, v in same.items()} == {
+        k: v.shape for k, v in cg.create_model("resnet20").state_dict().items()
+    }
+    with pytest.raises(ValueError, match="three counts >= 1"):
+        cg.create_model("cifar_resnet", blocks=(3, 0, 3))
+
+
 def test_option_b_adds_projection_parameters():
     a, b = cg.create_model("resnet20"), cg.create_model("resnet20", shortcut="B")
     # two 1x1 projections (16->32, 32->64) with BN

@@ -63,12 +63,14 @@ def _expand(models: tuple[str, ...], tmp: Path) -> tuple[dict[str, str], tuple[i
 @click.option("--warmup", default=10, show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile each model first")
 @click.option("--channels-last", is_flag=True)
+@click.option("--keep-memory", is_flag=True,
+              help="glibc keeps freed memory, as jemalloc and tcmalloc do")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @model_arg_option
 def bench_command(models: tuple[str, ...], batch_text: str, device: str, dtype: str,
                   threads: int | None, input_shape: str | None, rounds: int, runs: int,
-                  warmup: int, compile_: bool, channels_last: bool, as_json: bool,
-                  model_args: tuple[str, ...]) -> None:  # fmt: skip
+                  warmup: int, compile_: bool, channels_last: bool, keep_memory: bool,
+                  as_json: bool, model_args: tuple[str, ...]) -> None:  # fmt: skip
     """Time MODELS, each in its own process, alternating; the first is the baseline.
 
     A model is a slim or plain .safetensors file, a .pt2, a trainer checkpoint.pt (timed
@@ -83,7 +85,8 @@ def bench_command(models: tuple[str, ...], batch_text: str, device: str, dtype: 
     batches = _batches(batch_text)
     try:
         config = BenchConfig(device=device, dtype=dtype, threads=threads, warmup=warmup,
-                             runs=runs, compile=compile_, channels_last=channels_last)  # fmt: skip
+                             runs=runs, compile=compile_, channels_last=channels_last,
+                             keep_freed_memory=keep_memory)  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             refs, saved_shape = _expand(models, Path(tmp))
             shape = parse_shape(input_shape) if input_shape else saved_shape or (3, 224, 224)
@@ -106,7 +109,8 @@ def bench_command(models: tuple[str, ...], batch_text: str, device: str, dtype: 
         return
     click.echo(f"input {tuple(shape)}, {results[0].device}, {config.dtype}, "
                f"{results[0].threads} threads, torch {torch.__version__}; median of {rounds} "
-               f"processes; ratios against {baseline}")  # fmt: skip
+               f"processes; ratios against {baseline}"
+               f"{'; freed memory kept' if keep_memory else ''}")  # fmt: skip
     click.echo(f"{'model':<32}{'batch':>6}{'ms':>10}{'p90 ms':>10}{'img/s':>10}{'peak MB':>9}"
                f"{'MFLOPs':>10}{'latency x':>10}{'FLOPs x':>9}")  # fmt: skip
     for m in results:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch.nn.functional as F
@@ -45,7 +46,11 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs; any input size works thanks to adaptive pooling."""
+    """ResNet-(6n+2) for 32x32 inputs; any input size works thanks to adaptive pooling.
+
+    `blocks` gives each of the three stages its own block count instead of n = (depth-2)/6,
+    e.g. the shape a layer-pruned ResNet is left with.
+    """
 
     def __init__(
         self,
@@ -53,27 +58,30 @@ class CifarResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         shortcut: Shortcut = "A",
+        blocks: Sequence[int] | None = None,
     ):
         super().__init__()
-        if (depth - 2) % 6 != 0 or depth < 8:
+        if blocks is None and ((depth - 2) % 6 != 0 or depth < 8):
             raise ValueError(
                 f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}"
             )
+        if blocks is not None and (len(blocks) != 3 or min(blocks) < 1):
+            raise ValueError(f"blocks must be three counts >= 1, one per stage, got {blocks}")
         if shortcut not in ("A", "B"):
             raise ValueError(
                 f"shortcut must be 'A' (zero-padding) or 'B' (1x1 conv + BN), got {shortcut!r}"
             )
-        n = (depth - 2) // 6
+        counts = tuple(blocks) if blocks is not None else ((depth - 2) // 6,) * 3
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         widths, in_planes = (16, 32, 64), 16
-        for stage, planes in enumerate(widths, start=1):
-            blocks = []
+        for stage, (planes, n) in enumerate(zip(widths, counts, strict=True), start=1):
+            layers = []
             for i in range(n):
                 stride = 2 if stage > 1 and i == 0 else 1
-                blocks.append(BasicBlock(in_planes, planes, stride, shortcut))
+                layers.append(BasicBlock(in_planes, planes, stride, shortcut))
                 in_planes = planes
-            self.add_module(f"layer{stage}", nn.Sequential(*blocks))
+            self.add_module(f"layer{stage}", nn.Sequential(*layers))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
         for m in self.modules():
