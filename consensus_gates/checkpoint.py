@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ModelFileError
-from .insert import GatedModel, require_gated
+from .insert import unwrap
 from .saving import atomic_path, model_spec, rebuild
 
 FORMAT = "consensus-gates-checkpoint"
@@ -24,14 +24,15 @@ VERSION = 1
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **state: Any) -> None:
-    """Write the gated model (spec and weights) and `state` (optimizer, scheduler, RNG,
-    records...: tensors, numbers, strings and containers of them) atomically."""
-    gated = require_gated(model)
+    """Write the model (spec and weights: a gated model, or a plain one `save` can describe)
+    and `state` (optimizer, scheduler, RNG, records...: tensors, numbers, strings and
+    containers of them) atomically."""
+    model = unwrap(model)
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "spec": json.dumps(model_spec(gated)),
-        "model": gated.state_dict(),
+        "spec": json.dumps(model_spec(model)),
+        "model": model.state_dict(),
         **state,
     }
     with atomic_path(path) as tmp:
@@ -66,8 +67,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def model_from_checkpoint(
     checkpoint: dict[str, Any] | str | os.PathLike, model: nn.Module | None = None
-) -> GatedModel:
-    """The gated model of a checkpoint, with its trained weights and gate statistics.
+) -> nn.Module:
+    """The model of a checkpoint (rebuilt, or plain for a plain run), with its trained weights
+    and gate statistics.
 
     `model` is an instance of the original architecture, needed only for models that
     `create_model` does not know.
@@ -75,11 +77,11 @@ def model_from_checkpoint(
     what = "the checkpoint"
     if not isinstance(checkpoint, dict):
         what, checkpoint = str(checkpoint), load_checkpoint(checkpoint)
-    gated = rebuild(json.loads(checkpoint["spec"]), model, what=what)
+    rebuilt = rebuild(json.loads(checkpoint["spec"]), model, what=what)
     try:
-        gated.load_state_dict(checkpoint["model"])
+        rebuilt.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
         raise ModelFileError(
             f"the weights in {what} do not match the rebuilt model: {str(e)[:600]}"
         ) from e
-    return gated
+    return rebuilt

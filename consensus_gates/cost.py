@@ -7,7 +7,7 @@ import copy
 import logging
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,22 @@ def flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -> Cost
 
     FLOPs scale with the batch size of `example_inputs`; use a batch of 1 for per-image numbers.
     """
+    with _analysis(model, example_inputs) as analysis:
+        total = int(analysis.total())
+    return Cost(total, sum(p.numel() for p in model.parameters()))
+
+
+def module_flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -> dict[str, int]:
+    """fvcore's FLOPs of every module by qualified name (``""``: the whole model), as `flops`
+    counts them."""
+    with _analysis(model, example_inputs) as analysis:
+        return {name: int(n) for name, n in analysis.by_module().items()}
+
+
+@contextlib.contextmanager
+def _analysis(model: nn.Module, example_inputs) -> Iterator[FlopCountAnalysis]:
+    """A quiet fvcore analysis of `model` in eval mode, without gradients; fvcore counts
+    lazily, so read it inside the block."""
     inputs = as_input_tuple(example_inputs)
     was_training = model.training
     set_training(model, False)
@@ -60,12 +76,10 @@ def flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -> Cost
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             analysis = FlopCountAnalysis(model, inputs)
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            total = int(analysis.total())
+            yield analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     finally:
         logger.setLevel(level)
         set_training(model, was_training)
-    return Cost(total, sum(p.numel() for p in model.parameters()))
 
 
 def branch_costs(model: nn.Module, example_inputs=None) -> OrderedDict[str, Cost]:

@@ -127,7 +127,7 @@ def gates_figure(records: Sequence[dict]) -> Figure:
 def plot_gates(records: Sequence[dict], path: str | Path) -> Path:
     """Save the paper's Fig. 6 to `path`: one row per gate, one column per epoch, colour = open
     rate in [0, 1] (a channel gate's row is its mean over channels). Returns the path."""
-    return _save(gates_figure(records), path)
+    return save_figure(gates_figure(records), path)
 
 
 def _plot_series(ax: Axes, records: Sequence[dict], key: str, label: str) -> None:
@@ -162,10 +162,11 @@ def curves_figure(records: Sequence[dict]) -> Figure:
 def plot_curves(records: Sequence[dict], path: str | Path) -> Path:
     """Save two stacked panels sharing the epoch axis to `path`: train and test accuracy (null
     test values skipped) above, consensus FLOPs ratio and open ratio below. Returns the path."""
-    return _save(curves_figure(records), path)
+    return save_figure(curves_figure(records), path)
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write `fig` to `path` atomically (the format follows the suffix); returns the path."""
     path = Path(path)
     # the temp file keeps the suffix, so savefig picks the format from it as it would from path
     with atomic_path(path) as tmp:

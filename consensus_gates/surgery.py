@@ -158,12 +158,15 @@ def _cut_channels(work: fx.GraphModule, decisions: Mapping, inputs) -> None:
     if groups:
         dg = tp.DependencyGraph().build_dependency(work, example_inputs=inputs)
         for module, closed in groups:
-            fn = (
-                tp.prune_linear_out_channels
-                if isinstance(module, nn.Linear)
-                else tp.prune_conv_out_channels
-            )
-            dg.get_pruning_group(module, fn, closed).prune()
+            cut_out_channels(dg, module, closed)
+
+
+def cut_out_channels(dg: tp.DependencyGraph, module: nn.Module, idxs: list[int]) -> None:
+    """Remove output channels `idxs` of a conv or linear layer with torch-pruning, and with
+    them everything coupled to them in `dg` (norms, the next layer's inputs)."""
+    linear = isinstance(module, nn.Linear)
+    fn = tp.prune_linear_out_channels if linear else tp.prune_conv_out_channels
+    dg.get_pruning_group(module, fn, idxs).prune()
 
 
 def _prune(module: nn.Module, idxs: list[int], side: str) -> None:

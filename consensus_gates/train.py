@@ -1,9 +1,10 @@
 """Step 4b: train weights and gates together in one pass (paper §4.1).
 
 The loss is ``task + λ_polar · polarization_loss + λ_act · activation_loss``, with SGD and a
-multi-step learning rate. `train` writes one JSON line per epoch, an atomic checkpoint that
-`--resume` continues exactly, and the gates.png / curves.png plots. Under torchrun it trains
-with DistributedDataParallel; the gate statistics are global (see `polarization_loss`).
+multi-step learning rate; a plain model without gates trains on the task loss alone. `train`
+writes one JSON line per epoch, an atomic checkpoint that `--resume` continues exactly, and the
+gates.png / curves.png plots. Under torchrun it trains with DistributedDataParallel; the gate
+statistics are global (see `polarization_loss`).
 
     torchrun --nproc_per_node 2 -m consensus_gates.train resnet20 --data fashion_mnist ...
 """
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -32,10 +34,10 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .consensus import consensus
 from .cost import expected_flops_ratio, flops_ratio
 from .errors import TrainingDiverged
-from .insert import GatedModel, require_gated
+from .insert import GatedModel, unwrap
 from .losses import gate_losses
 from .plots import plot_curves, plot_gates
-from .saving import atomic_path
+from .saving import atomic_path, model_spec
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -248,11 +250,15 @@ def train(
     device: str | torch.device | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    epoch_end: Callable[[nn.Module, int], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Train a gated model's weights and gates in one pass; return the per-epoch records.
 
     Args:
-        model: a model from `insert_gates` (trained in place).
+        model: a model from `insert_gates` (trained in place), or any plain classifier,
+            which trains on the task loss alone: no gate losses, no `config.target`, and
+            its records hold None for ``lambda_polar``, ``lambda_act``, ``r_polar``,
+            ``open_rate``, ``open_ratio`` and ``flops_ratio``.
         train_loader, test_loader: batches of (inputs, class labels). With a
             DistributedSampler, its epoch is set each epoch.
         config: the recipe (`TrainConfig`).
@@ -261,38 +267,47 @@ def train(
         device: where to train; default: the model's device.
         resume: continue from ``out_dir/checkpoint.pt`` exactly where it stopped.
         log: receives the per-epoch summary lines.
+        epoch_end: called after each epoch's training, before its evaluation, with the model
+            and the 0-based epoch. Returning True says it replaced the model's parameters
+            (e.g. torch-pruning removed channels): the SGD optimizer is rebuilt over the new
+            ones at the current learning rate, losing its momentum buffers, and the learning
+            rate schedule continues. Resuming such a run needs a model of the new shapes.
 
     Under torch.distributed (torchrun) the model is wrapped in DistributedDataParallel and
     only rank 0 writes files and logs.
 
     Raises:
+        ValueError: `config.target` with a plain model, or `out_dir` with a plain model that
+            `save` cannot describe (one not built by `create_model`).
         TrainingDiverged: the loss became NaN or infinite; the checkpoint of the last good
             epoch is kept.
     """
-    gated = require_gated(model)
+    model = unwrap(model)
+    gated = model if isinstance(model, GatedModel) else None
     config = config or TrainConfig()
-    device = torch.device(device) if device is not None else next(gated.parameters()).device
-    gated.to(device)
+    if gated is None and config.target is not None:
+        raise ValueError(
+            f"config.target={config.target} needs gates to reach it; a plain "
+            f"{type(model).__name__} has none (call insert_gates first, or set target=None)"
+        )
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
     rank, world = _distributed()
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise ValueError("resume=True needs the out_dir of the run to continue")
-    net: nn.Module = gated
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            gated, device_ids=[device] if device.type == "cuda" else None
-        )
-    opt = torch.optim.SGD(
-        gated.parameters(), config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, config.lr_milestones(), config.lr_gamma)
+    if out is not None:  # fail now, not after the first epoch
+        _require_spec(model, "out_dir needs a checkpoint of the model")
+    net = _wrap(model, device, world)
+    opt = _sgd(model, config, config.lr)
+    sched = MultiStepLR(opt, config.lr_milestones(), config.lr_gamma)
     controller = None
     if config.target is not None:
         controller = SparsityController(gated, config, config.epochs * len(train_loader))
     lam_act, records, start = (config.lambda_act if controller is None else 0.0), [], 0
     if resume:
         ckpt = load_checkpoint(out / CHECKPOINT)
-        gated.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"], train_loader)
@@ -314,6 +329,7 @@ def train(
         lam_polar, lr = config.lambda_polar_at(epoch), opt.param_groups[0]["lr"]
         net.train()
         began, sums, steps = time.time(), torch.zeros(6, dtype=torch.float64), 0
+        no_gates = torch.zeros((), device=device)
         bar = tqdm(
             train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
             disable=not config.progress or rank != 0, file=sys.stderr,
@@ -322,7 +338,11 @@ def train(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = net(x)
             task = F.cross_entropy(logits, y)
-            polar, act = gate_losses(gated, weight=config.act_weight)
+            polar, act = (
+                gate_losses(gated, weight=config.act_weight)
+                if gated is not None
+                else (no_gates, no_gates)
+            )
             loss = task + lam_polar * polar + lam_act * act
             correct = (logits.argmax(1) == y).sum().to(loss.dtype)
             # one device sync per step: the loss parts and the hits, as float64 on the CPU
@@ -351,6 +371,11 @@ def train(
             if steps % 20 == 0:
                 bar.set_postfix(loss=f"{total:.3f}", polar=f"{polar_v:.3f}")
         sched.step()
+        if epoch_end is not None and epoch_end(model, epoch):
+            if out is not None:
+                _require_spec(model, f"epoch_end changed the model after epoch {epoch + 1}")
+            opt, sched = _rebuilt(model, config, opt, sched)
+            net = _wrap(model, device, world)
         if world > 1:
             sums = sums.to(device)
             dist.all_reduce(sums)
@@ -359,7 +384,7 @@ def train(
         record = _record(gated, epoch, lr, lam_polar, lam_act, (total, task, polar, act))
         record["train_acc"] = sums[4].item() / max(sums[5].item(), 1)
         record["test_acc"] = (
-            evaluate(gated, test_loader, device) if test_loader is not None and rank == 0 else None
+            evaluate(model, test_loader, device) if test_loader is not None and rank == 0 else None
         )
         record["seconds"] = round(time.time() - began, 2)
         records.append(record)
@@ -368,7 +393,7 @@ def train(
             if out is not None:
                 _write_outputs(
                     out,
-                    gated,
+                    model,
                     records,
                     opt,
                     sched,
@@ -382,15 +407,63 @@ def train(
     return records
 
 
+def _require_spec(model: nn.Module, why: str) -> None:
+    """A checkpoint needs a spec to rebuild the model from: raise if `save` has none."""
+    try:
+        model_spec(model)
+    except ValueError as e:
+        raise ValueError(f"{why}, but {e} (or train with out_dir=None)") from e
+
+
+def _wrap(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """The module to call: `model`, in DistributedDataParallel under torchrun."""
+    if world == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None
+    )
+
+
+def _sgd(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(
+        model.parameters(), lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
+def _rebuilt(
+    model: nn.Module, config: TrainConfig, opt: torch.optim.SGD, sched: MultiStepLR
+) -> tuple[torch.optim.SGD, MultiStepLR]:
+    """An optimizer over `model`'s new parameters at `opt`'s learning rate, and a scheduler
+    that continues `sched`'s milestones (momentum buffers belong to the old parameters)."""
+    new_opt = _sgd(model, config, opt.param_groups[0]["lr"])
+    new_sched = MultiStepLR(new_opt, config.lr_milestones(), config.lr_gamma)
+    new_sched.load_state_dict(sched.state_dict())
+    for new, old in zip(new_opt.param_groups, opt.param_groups, strict=True):
+        # the constructor's first step would apply a milestone at epoch 0 once more
+        new["lr"], new["initial_lr"] = old["lr"], old["initial_lr"]
+    return new_opt, new_sched
+
+
 def _record(gated, epoch, lr, lam_polar, lam_act, losses) -> dict[str, Any]:
-    c = consensus(gated)
     total, task, polar, act = losses
-    return {
+    record = {
         "epoch": epoch + 1,
         "lr": lr,  # what this epoch trained with
+        "lambda_polar": None,
+        "lambda_act": None,
+        "loss": {"total": total, "task": task, "polar": polar, "act": act},
+        "r_polar": None,
+        "open_rate": None,
+        "open_ratio": None,
+        "flops_ratio": None,
+    }
+    if gated is None:
+        return record
+    c = consensus(gated)
+    return {
+        **record,
         "lambda_polar": lam_polar,
         "lambda_act": lam_act,
-        "loss": {"total": total, "task": task, "polar": polar, "act": act},
         "r_polar": polar,
         "open_rate": {n: list(r) if isinstance(r, tuple) else r for n, r in c.open_rate.items()},
         "open_ratio": c.open_ratio,
@@ -400,20 +473,24 @@ def _record(gated, epoch, lr, lam_polar, lam_act, losses) -> dict[str, Any]:
 
 def _summary(r: dict[str, Any], epochs: int) -> str:
     loss, test = r["loss"], f"{r['test_acc']:.4f}" if r["test_acc"] is not None else "-"
+    regularizers = size = ""
+    if r["open_rate"] is not None:  # a gated model
+        regularizers = (
+            f"R_polar {r['r_polar']:.4f}  R_act {loss['act']:.3f}  "
+            f"λ {r['lambda_polar']:g}/{r['lambda_act']:.3g}  "
+        )
+        size = f"open {r['open_ratio']:.3f}  FLOPs {r['flops_ratio']:.3f}  "
     return (
         f"epoch {r['epoch']}/{epochs}  loss {loss['total']:.3f} (task {loss['task']:.3f})  "
-        f"R_polar {r['r_polar']:.4f}  R_act {loss['act']:.3f}  "
-        f"λ {r['lambda_polar']:g}/{r['lambda_act']:.3g}  train {r['train_acc']:.4f}  "
-        f"test {test}  open {r['open_ratio']:.3f}  FLOPs {r['flops_ratio']:.3f}  "
-        f"({r['seconds']:.0f}s)"
+        f"{regularizers}train {r['train_acc']:.4f}  test {test}  {size}({r['seconds']:.0f}s)"
     )
 
 
-def _write_outputs(out, gated, records, opt, sched, loader, lam_act, config, control) -> None:
+def _write_outputs(out, model, records, opt, sched, loader, lam_act, config, control) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
         out / CHECKPOINT,
-        gated,
+        model,
         epoch=records[-1]["epoch"],  # epochs completed
         optimizer=opt.state_dict(),
         scheduler=sched.state_dict(),
@@ -425,7 +502,8 @@ def _write_outputs(out, gated, records, opt, sched, loader, lam_act, config, con
     )
     with atomic_path(out / METRICS) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    plot_gates(records, out / "gates.png")
+    if isinstance(model, GatedModel):
+        plot_gates(records, out / "gates.png")
     plot_curves(records, out / "curves.png")
 
 

@@ -99,6 +99,14 @@ def test_slim_refuses_a_slim_model(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_slim_refuses_the_checkpoint_of_a_plain_training(tmp_path):
+    from consensus_gates.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "checkpoint.pt", cg.create_model("resnet20"), epoch=1)
+    result = CliRunner().invoke(main, ["slim", str(tmp_path / "checkpoint.pt")])
+    assert "plain CifarResNet, trained without gates" in _clean_failure(result)
+
+
 @pytest.mark.parametrize(
     "data",
     [b"", b"hello world\n", bytes(range(256)) * 4],

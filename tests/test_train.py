@@ -432,9 +432,92 @@ def test_train_config_rejects_bad_values():
             TrainConfig(**bad)
 
 
-def test_train_wants_a_gated_model():
-    with pytest.raises(TypeError, match="insert_gates"):
-        train_module.train(ToyResNet(), shuffled(Augmented()), config=config())
+# --------------------------------------------------------------------------------------
+# Plain (ungated) models, and epoch_end
+# --------------------------------------------------------------------------------------
+
+GATE_FIELDS = ("lambda_polar", "lambda_act", "r_polar", "open_rate", "open_ratio", "flops_ratio")
+
+
+def test_plain_model_trains_on_the_task_loss_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # out_dir=None: nothing may be written, here or anywhere
+    torch.manual_seed(0)
+    model = ToyResNet()
+    test_loader = DataLoader(TensorDataset(*toy_tensors(32, seed=1)), batch_size=32)
+    lines: list[str] = []
+    records = train_module.train(
+        model, shuffled(TensorDataset(*toy_tensors(128))), test_loader,
+        config(epochs=4, lr=0.05, milestones=()), log=lines.append,
+    )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    losses = [r["loss"]["task"] for r in records]
+    assert losses[-1] < 0.7 * losses[0], losses
+    for r in records:
+        assert r.keys() >= RECORD_KEYS
+        assert all(r[k] is None for k in GATE_FIELDS)
+        assert r["loss"]["total"] == r["loss"]["task"]
+        assert r["loss"]["polar"] == r["loss"]["act"] == 0.0
+    assert records[-1]["test_acc"] == evaluate(model, test_loader)
+    assert lines[-1].startswith("epoch 4/4") and "R_polar" not in lines[-1]
+
+
+def test_plain_model_refuses_a_target_and_an_undescribable_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="target=0.5 needs gates"):
+        train_module.train(ToyResNet(), shuffled(Augmented()), config=config(target=0.5))
+    with pytest.raises(ValueError, match="out_dir needs a checkpoint.*create_model"):
+        train_module.train(ToyResNet(), shuffled(Augmented()), config=config(), out_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def plain_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return cg.create_model("resnet20", num_classes=4, in_channels=1)
+
+
+def test_plain_zoo_model_writes_a_checkpoint_it_can_resume(tmp_path):
+    straight = train_module.train(
+        plain_resnet(), shuffled(Augmented()), None, config(), out_dir=tmp_path / "a", log=quiet
+    )
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == [CHECKPOINT, "curves.png", METRICS]  # no gates: no gates.png
+    one = config(epochs=1)
+    train_module.train(plain_resnet(), shuffled(Augmented()), None, one,
+                       out_dir=tmp_path / "b", log=quiet)  # fmt: skip
+    resumed = train_module.train(
+        plain_resnet(), shuffled(Augmented()), None, config(), out_dir=tmp_path / "b",
+        resume=True, log=quiet,
+    )  # fmt: skip
+    state_a = load_checkpoint(tmp_path / "a" / CHECKPOINT)["model"]
+    state_b = load_checkpoint(tmp_path / "b" / CHECKPOINT)["model"]
+    _same_run(straight, resumed, state_a, state_b)
+    rebuilt = model_from_checkpoint(tmp_path / "a" / CHECKPOINT)
+    assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in state_a.items())
+
+
+def test_epoch_end_that_prunes_rebuilds_the_optimizer_and_keeps_the_schedule():
+    """After torch-pruning halves layer1.0's inner width at the end of epoch 1, training goes
+    on with the new tensors (they change), at the learning rates of the same schedule."""
+    import torch_pruning as tp
+
+    model, seen = plain_resnet(), {}
+
+    def prune_once(m: nn.Module, epoch: int) -> bool:
+        if epoch == 0:
+            dg = tp.DependencyGraph().build_dependency(m, example_inputs=torch.randn(1, 1, 8, 8))
+            dg.get_pruning_group(m.layer1[0].conv1, tp.prune_conv_out_channels, range(8)).prune()
+            seen["pruned"] = m.layer1[0].conv1.weight.detach().clone()
+            return True
+        return False
+
+    records = train_module.train(
+        model, shuffled(Augmented()), None, config(epochs=3, milestones=(2,)), log=quiet,
+        epoch_end=prune_once,
+    )  # fmt: skip
+    assert model.layer1[0].conv1.weight.shape == (8, 16, 3, 3)
+    assert model.layer1[0].conv2.weight.shape == (16, 8, 3, 3)
+    assert not torch.equal(model.layer1[0].conv1.weight, seen["pruned"])  # still trained
+    assert [r["lr"] for r in records] == pytest.approx([0.1, 0.1, 0.01])
+    assert all(math.isfinite(r["loss"]["total"]) for r in records)
 
 
 def test_evaluate_counts_correct_top1_and_restores_the_mode():

@@ -27,7 +27,13 @@ def load_gated(path: str | Path) -> GatedModel:
         if read_spec(path)["kind"] != "gated":
             raise ModelFileError(f"{path} holds no gates; give a checkpoint of a gated model")
         return load(path)
-    return model_from_checkpoint(path)
+    model = model_from_checkpoint(path)
+    if not isinstance(model, GatedModel):
+        raise ModelFileError(
+            f"{path} is the checkpoint of a plain {type(model).__name__}, trained without "
+            "gates: there is no consensus to cut out"
+        )
+    return model
 
 
 def slim_report(gated: GatedModel, threshold: float = 0.5) -> tuple[nn.Module, dict[str, Any]]:

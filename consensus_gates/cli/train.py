@@ -19,7 +19,7 @@ from ..consensus import consensus
 from ..data import DATASETS, DataInfo, make_loaders
 from ..errors import DataError, ModelFileError, TrainingDiverged
 from ..insert import GatedModel, insert_gates
-from ..models.registry import accepts, create_model
+from ..models.registry import create_model_for
 from ..saving import atomic_path, load, read_spec
 from ..train import CHECKPOINT, SCHEDULES, TrainConfig, train
 from .app import main, model_arg_option, parse_model_args
@@ -50,15 +50,7 @@ def build_gated(
             return loaded.train()
         net = loaded
     else:
-        kwargs = {"num_classes": info.num_classes, **model_args}
-        if accepts(model, "in_channels"):
-            kwargs.setdefault("in_channels", info.in_channels)
-        elif info.in_channels != 3:
-            raise click.UsageError(
-                f"{model} takes 3-channel images and {info.name} has {info.in_channels}; use a "
-                "zoo model that takes in_channels (e.g. resnet20) for this data set"
-            )
-        net = create_model(model, **kwargs)
+        net = create_model_for(model, info.num_classes, info.in_channels, model_args)
     x = torch.randn(2, info.in_channels, info.image_size, info.image_size)
     return insert_gates(net.train(), x, config)
 

@@ -67,3 +67,30 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         )
     setattr(model, SOURCE_ATTR, {"name": name, "kwargs": dict(kwargs)})
     return model
+
+
+def forget_source(model: nn.Module) -> None:
+    """Mark a model that no longer has the shapes `create_model` built (pruned), so that
+    `save` refuses it clearly instead of writing a spec its weights do not fit."""
+    if hasattr(model, SOURCE_ATTR):
+        delattr(model, SOURCE_ATTR)
+
+
+def create_model_for(
+    name: str, num_classes: int, in_channels: int, model_args: dict[str, Any] | None = None
+) -> nn.Module:
+    """`create_model` sized to a data set: its number of classes, and its image channels where
+    the constructor takes ``in_channels`` (the zoo's models); `model_args` take precedence.
+
+    Raises ValueError for a model that takes only 3-channel images when the data have another
+    number of channels.
+    """
+    kwargs = {"num_classes": num_classes, **(model_args or {})}
+    if accepts(name, "in_channels"):
+        kwargs.setdefault("in_channels", in_channels)
+    elif in_channels != 3:
+        raise ValueError(
+            f"{name} takes 3-channel images and the data have {in_channels}; use a zoo model "
+            "that takes in_channels (e.g. resnet20) for this data set"
+        )
+    return create_model(name, **kwargs)

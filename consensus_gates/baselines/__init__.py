@@ -1,0 +1,26 @@
+"""Baselines for the comparison of issue 6, each producing a smaller model to set beside the
+consensus sub-network at a matched FLOPs ratio.
+
+- `naive`: the paper's Fig. 2, weights (`drop_weights`) or residual branches (`drop_layers`)
+  dropped at random from a trained network.
+- `pruners`: Torch-Pruning's magnitude, BN-scale and Taylor pruners (`prune_to_flops`), for
+  train, prune, fine-tune.
+- `density`: activation-density pruning during training (`DensityPruning`, an `epoch_end`
+  for `consensus_gates.train.train`).
+
+Fine-tuning a pruned model is `train(pruned, ...)`: the trainer takes plain models too.
+"""
+
+from .density import DensityPruning, activation_density
+from .naive import drop_layers, drop_weights, sparse_flops_ratio
+from .pruners import IMPORTANCES, prune_to_flops
+
+__all__ = [
+    "IMPORTANCES",
+    "DensityPruning",
+    "activation_density",
+    "drop_layers",
+    "drop_weights",
+    "prune_to_flops",
+    "sparse_flops_ratio",
+]

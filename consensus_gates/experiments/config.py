@@ -1,0 +1,352 @@
+"""A study read from TOML: shared settings in ``[base]``, one ``[[runs]]`` entry per row.
+
+    name = "table5_heads"                       # required; results go to OUT/<name>/
+    title = "Paper Table 5: gate heads"         # optional, for the summary
+    description = "..."                         # optional
+    seeds = [0, 1, 2]                           # default [0]
+
+    [base]                                      # every run starts from these
+    model = "resnet20"
+    model_args = { in_channels = 1 }
+    dataset = "fashion_mnist"
+    data_root = "../shared/data"                # relative to the working directory
+    train_subset = 10000
+    test_subset = 5000
+    batch_size = 128
+    epochs = 4                                  # the total training budget of a run
+    method = "gates"                            # see `METHODS`
+    [base.gates]                                # GateConfig fields
+    head = "ste"
+    [base.train]                                # TrainConfig fields, except epochs/target/seed
+    lambda_polar = 3.0
+    [base.latency]                              # LatencyConfig fields
+    batch = 64
+
+    [[runs]]
+    label = "Gumbel"                            # required, unique
+    gates = { head = "gumbel" }                 # deep-merged over [base]
+    targets = [0.4, 0.6]                        # one run per FLOPs-ratio target
+
+A ``density`` run, which has no FLOPs target, may list ``density_scale = [0.8, 1.2]``
+instead: one run per scale.
+
+Every key is checked: an unknown one, a wrong type or a bad value raises `ConfigError` naming
+the file, the run and the key, so a typo cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..bench import BenchConfig
+from ..config import GateConfig
+from ..train import TrainConfig
+from .methods import METHODS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A study file that cannot be read, or holds an unknown key or a bad value."""
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """How the runner times the final model against the original: `bench.compare`, each
+    model in its own process, `rounds` alternating rounds of `runs` timed batches."""
+
+    enabled: bool = True
+    batch: int = 64
+    rounds: int = 2
+    runs: int = 20
+    warmup: int = 5
+    threads: int | None = None  # None: torch's default
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.rounds < 1:
+            raise ValueError(f"batch and rounds must be >= 1, got {self.batch}, {self.rounds}")
+        self.bench_config()  # checks runs, warmup and threads now, not after the training
+
+    def bench_config(self) -> BenchConfig:
+        """How `bench.compare` times each model."""
+        return BenchConfig(threads=self.threads, warmup=self.warmup, runs=self.runs)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One row of a study, with one target: everything a method needs to train and prune.
+
+    Attributes:
+        label: the row's name, shared by the runs a ``targets`` (or ``density_scale``) list
+            expands into.
+        method: a key of `METHODS`.
+        epochs: the training budget. Every method spends exactly this many epochs, except
+            that ``extra_finetune_epochs`` are added for the torch-pruning variants.
+        target: the FLOPs ratio to reach (pruned / original): `TrainConfig.target` for our
+            gates, the pruning target for the baselines.
+        finetune_epochs: torch-pruning methods: the part of `epochs` spent fine-tuning after
+            pruning (the rest is dense pretraining).
+        extra_finetune_epochs: torch-pruning methods: fine-tuning beyond the equal budget.
+        finetune_lr: the fine-tuning learning rate; None: ``train.lr * train.lr_gamma``.
+        density_every, density_scale: activation-density pruning: resize every that many
+            epochs, each layer to ``scale`` × its measured density × its width.
+        device: where to train (``"cpu"``, ``"cuda"``); latency is always measured on CPU.
+        train: the recipe of the method's main training, with the run's ``epochs``; the
+            methods set the target (ours) and the seed.
+    """
+
+    label: str
+    method: str
+    model: str
+    dataset: str
+    epochs: int
+    data_root: str = "data"
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+    train_subset: int | None = None
+    test_subset: int | None = None
+    batch_size: int = 128
+    workers: int = 0
+    device: str = "cpu"
+    target: float | None = None
+    finetune_epochs: int = 1
+    extra_finetune_epochs: int = 0
+    finetune_lr: float | None = None
+    density_every: int = 1
+    density_scale: float = 1.0
+    gates: GateConfig = field(default_factory=GateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        rule = METHODS[self.method].target
+        if rule == "required" and self.target is None:
+            raise ValueError(f"method {self.method!r} needs a FLOPs 'target' (or 'targets')")
+        if rule == "refused" and self.target is not None:
+            raise ValueError(f"method {self.method!r} takes no 'target'; remove it")
+        if self.target is not None and not 0 < self.target <= 1:
+            raise ValueError(f"target must be in (0, 1], got {self.target}")
+        if self.epochs < 1 or self.batch_size < 1 or self.workers < 0:
+            raise ValueError("epochs and batch_size must be >= 1, workers >= 0")
+        if self.method.startswith("tp-") and not 1 <= self.finetune_epochs < self.epochs:
+            raise ValueError(
+                f"finetune_epochs must be between 1 and epochs - 1 = {self.epochs - 1} (the "
+                f"rest is pretraining), got {self.finetune_epochs}"
+            )
+        if self.extra_finetune_epochs < 0 or self.density_every < 1 or self.density_scale <= 0:
+            raise ValueError(
+                "extra_finetune_epochs must be >= 0, density_every >= 1, density_scale > 0"
+            )
+
+    @property
+    def setting(self) -> str:
+        """What tells apart the runs of one label: the target, or a density run's scale."""
+        if self.target is not None:
+            return f"{self.target:g}"
+        return f"scale {self.density_scale:g}" if self.method == "density" else ""
+
+    def run_id(self, seed: int) -> str:
+        """The file name stem of this run's results for `seed`: label, setting, seed."""
+        return "-".join(filter(None, (slug(self.label), slug(self.setting), f"s{seed}")))
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A study: its runs (one per label and target) and the seeds each is trained with."""
+
+    name: str
+    runs: tuple[RunConfig, ...]
+    seeds: tuple[int, ...] = (0,)
+    title: str = ""
+    description: str = ""
+    path: str | None = None  # the file it was read from
+
+    @property
+    def labels(self) -> list[str]:
+        return list(dict.fromkeys(r.label for r in self.runs))
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of `text`: lower case, runs of other characters as ``-``."""
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
+
+
+# The run keys, with the TOML types each accepts (TOML has no null: leave a key out instead).
+_NUMBER = (int, float)
+_KINDS = {(str,): "a string", (int,): "an integer", _NUMBER: "a number", (dict,): "a table"}
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "label": (str,),
+    "method": (str,),
+    "model": (str,),
+    "dataset": (str,),
+    "data_root": (str,),
+    "device": (str,),
+    "epochs": (int,),
+    "train_subset": (int,),
+    "test_subset": (int,),
+    "batch_size": (int,),
+    "workers": (int,),
+    "target": _NUMBER,
+    "finetune_epochs": (int,),
+    "extra_finetune_epochs": (int,),
+    "finetune_lr": _NUMBER,
+    "density_every": (int,),
+}
+_TABLES = {"gates": GateConfig, "train": TrainConfig, "latency": LatencyConfig}
+# all of them: the scalars, two that may list values (one run each), and the tables
+_RUN_KEYS = (*_SCALARS, "targets", "density_scale", "model_args", *_TABLES)
+_STUDY_KEYS = ("name", "title", "description", "seeds", "base", "runs")
+_REQUIRED = ("method", "model", "dataset", "epochs")
+# TrainConfig fields the runner fills in; set at the run level instead
+_SET_BY_RUN = {
+    "epochs": "set 'epochs' on the run (or in [base]): methods split it themselves",
+    "target": "set 'target' or 'targets' on the run (or in [base])",
+    "seed": "set the study's 'seeds'",
+}
+
+
+def _unknown(key: str, known: tuple[str, ...] | list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _check_type(value: Any, types: tuple[type, ...], key: str, where: str) -> None:
+    # bool is an int in Python, but `epochs = true` is a mistake
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise ConfigError(f"{where}: {key!r} must be {_KINDS[types]}, got {value!r}")
+
+
+def _check_keys(table: Mapping[str, Any], where: str, *, label: bool) -> None:
+    for key, value in table.items():
+        if key not in _RUN_KEYS or (key == "label" and not label):
+            raise _unknown(key, [k for k in _RUN_KEYS if label or k != "label"], where)
+        if key in _SCALARS:
+            _check_type(value, _SCALARS[key], key, where)
+        elif key == "targets" or key == "density_scale" and isinstance(value, list):
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"{where}: {key!r} must be a non-empty list of numbers")
+            for v in value:
+                _check_type(v, _NUMBER, key, where)
+        elif key == "density_scale":
+            _check_type(value, _NUMBER, key, where)
+        else:  # model_args and the sub-config tables
+            _check_type(value, (dict,), key, where)
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, tables merged key by key rather than replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _sub_config(cls: type, table: Mapping[str, Any], where: str, **filled: Any) -> Any:
+    """Build `cls` (GateConfig, TrainConfig, LatencyConfig) from a TOML table, letting its own
+    validation speak; TOML arrays become the tuples the dataclasses expect."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in table:
+        if key in filled:  # only TrainConfig has fields the run fills in
+            raise ConfigError(f"{where}: {key!r} is not set here: {_SET_BY_RUN[key]}")
+        if key not in names:
+            raise _unknown(key, names, where)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    try:
+        return cls(**values, **filled)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _build_runs(base: dict[str, Any], entry: Mapping[str, Any], where: str) -> list[RunConfig]:
+    merged = _merge(base, entry)
+    missing = [k for k in _REQUIRED if k not in merged]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(map(repr, missing))} (here or in [base])")
+    if "target" in merged and "targets" in merged:
+        raise ConfigError(f"{where}: give 'target' or 'targets', not both")
+    targets = merged.pop("targets", [merged.pop("target", None)])
+    scales = merged.pop("density_scale", 1.0)
+    scales = scales if isinstance(scales, list) else [scales]
+    if len(scales) > 1 and merged["method"] != "density":
+        raise ConfigError(f"{where}: a list of 'density_scale' values is for method 'density'")
+    tables = {k: merged.pop(k, {}) for k in _TABLES}
+    gates = _sub_config(GateConfig, tables["gates"], f"{where} [gates]")
+    latency = _sub_config(LatencyConfig, tables["latency"], f"{where} [latency]")
+    recipe = _sub_config(TrainConfig, tables["train"], f"{where} [train]",
+                         epochs=merged["epochs"], target=None, seed=0)  # fmt: skip
+    runs = []
+    for target, scale in itertools.product(targets, scales):
+        try:
+            runs.append(RunConfig(**merged, target=target, density_scale=scale, gates=gates,
+                                  train=recipe, latency=latency))  # fmt: skip
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return runs
+
+
+def parse_study(data: Mapping[str, Any], source: str) -> StudyConfig:
+    """A `StudyConfig` from the parsed TOML `data`; `source` names the file in errors."""
+    for key in data:
+        if key not in _STUDY_KEYS:
+            raise _unknown(key, _STUDY_KEYS, source)
+    if not isinstance(data.get("name"), str) or not data["name"]:
+        raise ConfigError(f"{source}: the study needs a 'name' (a string)")
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
+        raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers")
+    base, entries = data.get("base", {}), data.get("runs", [])
+    if not isinstance(base, dict):
+        raise ConfigError(f"{source}: [base] must be a table")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{source}: no [[runs]]; add at least one")
+    _check_keys(base, f"{source}: [base]", label=False)
+    runs: list[RunConfig] = []
+    for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or not isinstance(entry.get("label"), str):
+            raise ConfigError(f"{source}: run {i} needs a 'label' (a string)")
+        where = f"{source}: run {entry['label']!r}"
+        _check_keys(entry, where, label=True)
+        if entry["label"] in {r.label for r in runs}:
+            raise ConfigError(f"{where}: the label is used twice; labels must be unique")
+        runs += _build_runs(base, entry, where)
+    ids = [r.run_id(0) for r in runs]
+    clash = next((i for i in ids if ids.count(i) > 1), None)
+    if clash is not None:
+        raise ConfigError(f"{source}: two runs would write {clash}.json; make the labels differ")
+    return StudyConfig(
+        name=data["name"],
+        runs=tuple(runs),
+        seeds=tuple(seeds),
+        title=str(data.get("title", data["name"])),
+        description=str(data.get("description", "")),
+        path=source,
+    )
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and check a study file (see the module docstring for the schema)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return parse_study(data, str(path))

@@ -1,0 +1,200 @@
+"""Tables and Pareto plots from the runner's results JSON files.
+
+`load_results` reads every results file under some folders; `aggregate` groups them by
+(study, label, setting), the setting being the target or a density run's scale, into mean ±
+std over seeds; `write_summary` writes a markdown file with one table per study and, for
+each study comparing several methods, a PNG of accuracy against FLOPs ratio and against
+measured latency ratio (the paper's Figs. 2–3).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from ..plots import save_figure
+from ..saving import atomic_path
+
+# what marks a runner's results file (the cache's JSON files lack them)
+_RESULT_KEYS = {"study", "label", "method", "seed", "accuracy", "flops_ratio"}
+MARKERS = "osD^vP*Xph<>"  # one per label, so lines stay apart without colour
+_MEASURES = (
+    "accuracy",
+    "flops_ratio",
+    "params_ratio",
+    "latency_ratio",
+    "epochs_total",
+    "wall_seconds",
+    "r_polar",
+)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A measure over seeds: mean, sample standard deviation (None for one seed), count."""
+
+    mean: float
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        std = statistics.stdev(values) if len(values) > 1 else None
+        return cls(statistics.fmean(values), std, len(values))
+
+    def format(self, digits: int, scale: float = 1.0) -> str:
+        mean = f"{self.mean * scale:.{digits}f}"
+        return mean if self.std is None else f"{mean} ± {self.std * scale:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One (study, label, setting) over its seeds; `stats` holds the measures present."""
+
+    study: str
+    title: str
+    label: str
+    method: str
+    setting: str
+    order: int
+    seeds: tuple[int, ...]
+    stats: dict[str, Stat]
+
+
+def load_results(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Every results record in the JSON files under `dirs` (searched recursively)."""
+    records = []
+    for d in dirs:
+        for path in sorted(Path(d).rglob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            if isinstance(record, dict) and record.keys() >= _RESULT_KEYS:
+                records.append(record)
+    return records
+
+
+def aggregate(records: Iterable[dict[str, Any]]) -> list[Row]:
+    """Group by (study, label, setting), in study order then run order."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["study"], r["label"], r.get("setting", "")), []).append(r)
+    rows = []
+    for (study, label, setting), group in groups.items():
+        stats = {}
+        for key in _MEASURES:
+            values = [r[key] for r in group if r.get(key) is not None]
+            if values:
+                stats[key] = Stat.of(values)
+        first = group[0]
+        rows.append(Row(
+            study=study, title=first.get("title") or study, label=label, method=first["method"],
+            setting=setting, order=first.get("order", 0),
+            seeds=tuple(sorted(r["seed"] for r in group)), stats=stats,
+        ))  # fmt: skip
+    return sorted(rows, key=lambda row: (row.study, row.order))
+
+
+def _cell(row: Row, key: str, digits: int, scale: float = 1.0) -> str:
+    stat = row.stats.get(key)
+    return "–" if stat is None else stat.format(digits, scale)
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """One study's rows as a markdown table (accuracy in %, times in minutes)."""
+    polar = any("r_polar" in r.stats for r in rows)
+    head = [
+        "method",
+        "label",
+        "target",  # the FLOPs target, or a density run's scale
+        "n",
+        "accuracy (%)",
+        "FLOPs ratio",
+        "params ratio",
+        "latency ratio",
+        "total epochs",
+        "train time (min)",
+    ] + (["final R_polar"] * polar)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r.method,
+            r.label,
+            r.setting or "–",
+            str(len(r.seeds)),
+            _cell(r, "accuracy", 2, 100),
+            _cell(r, "flops_ratio", 3),
+            _cell(r, "params_ratio", 3),
+            _cell(r, "latency_ratio", 3),
+            _cell(r, "epochs_total", 0),
+            _cell(r, "wall_seconds", 1, 1 / 60),
+        ] + ([_cell(r, "r_polar", 4)] * polar)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_figure(rows: Sequence[Row]) -> Figure:
+    """Accuracy against FLOPs ratio and, where measured, against latency ratio: one line
+    per label through its settings (targets), error bars over seeds."""
+    panels = [("flops_ratio", "FLOPs ratio (pruned / original)")]
+    if any("latency_ratio" in r.stats for r in rows):
+        panels.append(("latency_ratio", "CPU latency ratio (pruned / original)"))
+    fig = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    labels = list(dict.fromkeys(r.label for r in rows))
+    for ax, (key, xlabel) in zip(axes, panels, strict=True):
+        for label, marker in zip(labels, itertools.cycle(MARKERS)):
+            points = sorted(
+                (r for r in rows if r.label == label and key in r.stats),
+                key=lambda r: r.stats[key].mean,
+            )
+            if not points:
+                continue
+            ax.errorbar(
+                [p.stats[key].mean for p in points],
+                [p.stats["accuracy"].mean * 100 for p in points],
+                xerr=[p.stats[key].std or 0 for p in points],
+                yerr=[(p.stats["accuracy"].std or 0) * 100 for p in points],
+                marker=marker,
+                capsize=3,
+                label=label,
+            )
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(rows[0].title)
+    return fig
+
+
+def write_summary(dirs: Iterable[str | Path], out: str | Path) -> list[Path]:
+    """Write the markdown summary of the results under `dirs` to `out`, and one Pareto plot
+    per study with several methods beside it (``<out stem>-<study>.png``); return the files
+    written."""
+    out, dirs = Path(out), list(dirs)
+    rows = aggregate(load_results(dirs))
+    if not rows:
+        raise ValueError(f"no results files under {', '.join(map(str, dirs))}")
+    written, parts = [], []
+    for study in dict.fromkeys(r.study for r in rows):
+        group = [r for r in rows if r.study == study]
+        seeds = sorted({s for r in group for s in r.seeds})
+        parts.append(
+            f"## {group[0].title}\n\nStudy `{study}`, seeds {seeds}; mean ± sample "
+            "std over seeds where n > 1.\n\n" + markdown_table(group)
+        )
+        if len({r.method for r in group}) > 1:
+            png = out.with_name(f"{out.stem}-{study}.png")
+            written.append(save_figure(pareto_figure(group), png))
+            parts[-1] += f"\n![{group[0].title}]({png.name})\n"
+    with atomic_path(out) as tmp:
+        tmp.write_text("\n".join(parts))
+    return [out, *written]
