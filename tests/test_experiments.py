@@ -174,11 +174,18 @@ def test_summary_means_and_stds_over_seeds(tmp_path):
     assert [(r.label, len(r.seeds)) for r in rows] == [("ours", 2), ("dense", 1)]
     files = write_summary([tmp_path / "results"], tmp_path / "out" / "summary.md")
     md = files[0].read_text()
-    assert "## S" in md and "| gates | ours | 0.5 | 2 | 81.00 ± 1.41 | 0.510 ± 0.014 |" in md
+    assert "### S" in md and "| gates | ours | 0.5 | 2 | 81.00 ± 1.41 | 0.510 ± 0.014 |" in md
     assert "| dense | dense | – | 1 | 90.00 | 1.000 |" in md  # one seed: no std
     assert "final R_polar" in md and "0.0010 ± 0.0014" in md
     (png,) = files[1:]
     assert png.name == "summary-s.png" and png.stat().st_size > 1000 and f"({png.name})" in md
+    # into a hand-written doc: only the study's span changes
+    doc = tmp_path / "out" / "results.md"
+    doc.write_text("# Results\n\nProse.\n\n<!-- begin s -->\nold\n<!-- end s -->\n\nMore.\n")
+    write_summary([tmp_path / "results"], doc)
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nProse.\n\n<!-- begin s -->\n### S") and "old" not in text
+    assert text.endswith("<!-- end s -->\n\nMore.\n") and "81.00 ± 1.41" in text
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from ..plots import save_figure
-from ..saving import atomic_path
+from ..reports import write_sections
 
 # what marks a runner's results file (the cache's JSON files lack them)
 _RESULT_KEYS = {"study", "label", "method", "seed", "accuracy", "flops_ratio"}
@@ -176,25 +176,28 @@ def pareto_figure(rows: Sequence[Row]) -> Figure:
 
 
 def write_summary(dirs: Iterable[str | Path], out: str | Path) -> list[Path]:
-    """Write the markdown summary of the results under `dirs` to `out`, and one Pareto plot
-    per study with several methods beside it (``<out stem>-<study>.png``); return the files
-    written."""
+    """Write the tables of the results under `dirs` into the markdown file `out`, one
+    section per study, and one Pareto plot per study with several methods beside it
+    (``<out stem>-<study>.png``); return the files written.
+
+    Each study's section sits between ``<!-- begin STUDY -->`` and ``<!-- end STUDY -->``:
+    in a hand-written doc that has them, only those spans change (`reports.write_sections`).
+    """
     out, dirs = Path(out), list(dirs)
     rows = aggregate(load_results(dirs))
     if not rows:
         raise ValueError(f"no results files under {', '.join(map(str, dirs))}")
-    written, parts = [], []
+    written, sections = [], {}
     for study in dict.fromkeys(r.study for r in rows):
         group = [r for r in rows if r.study == study]
         seeds = sorted({s for r in group for s in r.seeds})
-        parts.append(
-            f"## {group[0].title}\n\nStudy `{study}`, seeds {seeds}; mean ± sample "
-            "std over seeds where n > 1.\n\n" + markdown_table(group)
+        sections[study] = (
+            f"### {group[0].title}\n\nStudy `{study}`, seeds {seeds}; mean ± sample std over "
+            "seeds where n > 1.\n\n" + markdown_table(group)
         )
         if len({r.method for r in group}) > 1:
             png = out.with_name(f"{out.stem}-{study}.png")
             written.append(save_figure(pareto_figure(group), png))
-            parts[-1] += f"\n![{group[0].title}]({png.name})\n"
-    with atomic_path(out) as tmp:
-        tmp.write_text("\n".join(parts))
+            sections[study] += f"\n![{group[0].title}]({png.name})\n"
+    write_sections(out, sections, title="Results")
     return [out, *written]

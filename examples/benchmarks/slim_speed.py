@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from torch import nn
 import consensus_gates as cg
 from consensus_gates.bench import BenchConfig, compare, keep_freed_memory, ratios
 from consensus_gates.losses import gate_losses
-from consensus_gates.saving import atomic_path
+from consensus_gates.reports import write_sections
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMAND = "python examples/benchmarks/slim_speed.py"
@@ -356,24 +355,6 @@ def machine(device: str, threads: int) -> str:
     )
 
 
-def write_sections(doc: Path, sections: Mapping[str, str], template: str) -> None:
-    """Replace each ``<!-- begin KEY -->...<!-- end KEY -->`` span of `doc` (from `template`
-    if the doc does not exist yet) with the new text; the rest of the doc is kept."""
-    text = doc.read_text() if doc.exists() else template
-    for key, body in sections.items():
-        span = re.compile(rf"<!-- begin {re.escape(key)} -->.*?<!-- end {re.escape(key)} -->", re.S)
-        if not span.search(text):
-            raise SystemExit(f"{doc} has no <!-- begin {key} --> ... <!-- end {key} --> span")
-        new = f"<!-- begin {key} -->\n{body}\n<!-- end {key} -->"
-        text = span.sub(lambda _, new=new: new, text)  # a function: `body` is not a pattern
-    with atomic_path(doc) as tmp:
-        tmp.write_text(text)
-
-
-def template(keys: list[str]) -> str:
-    return "# Benchmarks\n\n" + "\n\n".join(f"<!-- begin {k} -->\n<!-- end {k} -->" for k in keys)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -412,8 +393,7 @@ def main() -> None:
         print(f"\n## {key}\n\n{body}")
     out = args.out or (None if args.quick else ROOT / "docs" / "benchmarks.md")
     if out is not None:
-        keys = [f"{k} {d}" for d in ("cpu", "cuda") for k in ("setup", "P1", "P2", "P3", "P4")]
-        write_sections(out, sections, template(keys))
+        write_sections(out, sections, title="Benchmarks")
         print(f"\nwrote {out}")
 
 
