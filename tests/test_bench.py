@@ -72,9 +72,9 @@ def test_slim_speed_benchmark_quick_mode_writes_its_sections(tmp_path):
     script = ROOT / "examples" / "benchmarks" / "slim_speed.py"
     doc = tmp_path / "benchmarks.md"
     doc.write_text(
-        "# Benchmarks\n\nHand-written intro.\n\n<!-- begin setup cpu -->\nold\n"
+        "# Benchmarks\n\nHand-written intro.\n\n<!-- begin setup cpu -->\nSTALE-ROW\n"
         "<!-- end setup cpu -->\n\n"
-        + "".join(f"<!-- begin P{i} cpu -->\nold\n<!-- end P{i} cpu -->\n\nProse {i}.\n\n"
+        + "".join(f"<!-- begin P{i} cpu -->\nSTALE-ROW\n<!-- end P{i} cpu -->\n\nProse {i}.\n\n"
                   for i in range(1, 5))
         + "<!-- begin P1 cuda -->\nno GPU\n<!-- end P1 cuda -->\n"
     )  # fmt: skip
@@ -83,7 +83,7 @@ def test_slim_speed_benchmark_quick_mode_writes_its_sections(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     text = doc.read_text()
     assert "Hand-written intro." in text and "Prose 4." in text and "no GPU" in text
-    assert "old" not in text and "slim_speed.py --quick" in text and "torch " in text
+    assert "STALE-ROW" not in text and "slim_speed.py --quick" in text and "torch " in text
 
     def rows(key: str) -> list[list[str]]:
         body = text.split(f"<!-- begin {key} -->")[1].split(f"<!-- end {key} -->")[0]

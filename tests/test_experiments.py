@@ -181,10 +181,11 @@ def test_summary_means_and_stds_over_seeds(tmp_path):
     assert png.name == "summary-s.png" and png.stat().st_size > 1000 and f"({png.name})" in md
     # into a hand-written doc: only the study's span changes
     doc = tmp_path / "out" / "results.md"
-    doc.write_text("# Results\n\nProse.\n\n<!-- begin s -->\nold\n<!-- end s -->\n\nMore.\n")
+    doc.write_text("# Results\n\nProse.\n\n<!-- begin s -->\nSTALE-ROW\n<!-- end s -->\n\nMore.\n")
     write_summary([tmp_path / "results"], doc)
     text = doc.read_text()
-    assert text.startswith("# Results\n\nProse.\n\n<!-- begin s -->\n### S") and "old" not in text
+    assert text.startswith("# Results\n\nProse.\n\n<!-- begin s -->\n### S")
+    assert "STALE-ROW" not in text
     assert text.endswith("<!-- end s -->\n\nMore.\n") and "81.00 ± 1.41" in text
 
 
