@@ -16,7 +16,7 @@ from consensus_gates.experiments import (
     time_study,
     write_summary,
 )
-from consensus_gates.experiments.summary import aggregate, load_results
+from consensus_gates.experiments.summary import aggregate, load_results, pareto_figure
 
 from conftest import fake_fashion_mnist
 
@@ -159,6 +159,23 @@ def _record(study, label, setting, seed, accuracy, flops, method="gates", **extr
             **extra}  # fmt: skip
 
 
+def test_pareto_plot_keeps_to_the_competitive_range_and_names_what_falls_off():
+    rows = aggregate([
+        _record("s", "ours", "0.5", 0, 0.80, 0.50),
+        _record("s", "ours", "0.7", 0, 0.84, 0.70),
+        _record("s", "pruner", "0.5", 0, 0.60, 0.50, method="tp"),  # 24 points below: shown
+        _record("s", "naive", "0.5", 0, 0.10, 0.50, method="dropout"),
+        _record("s", "naive", "0.7", 0, 0.12, 0.70, method="dropout"),
+    ])  # fmt: skip
+    flops_ax, latency_ax = pareto_figure(rows, zoom=25).axes
+    for ax in (flops_ax, latency_ax):
+        assert ax.get_ylim()[0] == pytest.approx(84 - 25)
+    names = [t.get_text() for t in flops_ax.get_legend().get_texts()]
+    assert names == ["ours", "pruner", "naive (off scale: 10–12%)"]
+    ax = pareto_figure(rows, zoom=100).axes[0]  # nothing off scale: every point shows
+    assert ax.get_ylim()[0] < 10 and "naive" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
 def test_summary_means_and_stds_over_seeds(tmp_path):
     results = tmp_path / "results" / "s"
     results.mkdir(parents=True)
@@ -256,6 +273,7 @@ density_scale = 0.5
     assert abs(by_label["dropout"]["flops_ratio"] - 0.6) < 0.05  # as if zeros were skipped
     ours = by_label["ours"]
     assert ours["latency_ratio"] > 0 and ours["latency"]["batch"] == 4
+    assert ours["latency"]["keep_freed_memory"]  # timed as a CPU deployment should run
     assert 0 <= ours["r_polar"] <= 0.25 and ours["open_ratio"] < 1 and ours["gates"] == 6
     assert (out / "tiny" / "ours-0.5-s0" / "metrics.jsonl").is_file()
     assert by_label["dense"]["latency_ratio"] is None  # disabled in [base.latency]

@@ -64,7 +64,10 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class LatencyConfig:
     """How the runner times the final model against the original: `bench.compare`, each
-    model in its own process, `rounds` alternating rounds of `runs` timed batches."""
+    model in its own process, `rounds` alternating rounds of `runs` timed batches.
+    `keep_freed_memory` times both as a CPU deployment should run them (docs/benchmarks.md:
+    with glibc's default, page faults take about 40% of the time and follow activation
+    memory, not FLOPs)."""
 
     enabled: bool = True
     batch: int = 64
@@ -72,6 +75,7 @@ class LatencyConfig:
     runs: int = 20
     warmup: int = 5
     threads: int | None = None  # None: torch's default
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.rounds < 1:
@@ -80,7 +84,8 @@ class LatencyConfig:
 
     def bench_config(self) -> BenchConfig:
         """How `bench.compare` times each model."""
-        return BenchConfig(threads=self.threads, warmup=self.warmup, runs=self.runs)
+        return BenchConfig(threads=self.threads, warmup=self.warmup, runs=self.runs,
+                           keep_freed_memory=self.keep_freed_memory)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,7 @@ def measure_latency(
             "threads": results[0].threads,
             "rounds": config.rounds,
             "runs": config.runs,
+            "keep_freed_memory": config.keep_freed_memory,
             "original_ms": ms["original"],
             "final_ms": ms["final"],
         },

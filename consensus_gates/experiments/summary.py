@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,15 +142,23 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_figure(rows: Sequence[Row]) -> Figure:
+def pareto_figure(rows: Sequence[Row], zoom: float = 20.0) -> Figure:
     """Accuracy against FLOPs ratio and, where measured, against latency ratio: one line
-    per label through its settings (targets), error bars over seeds."""
+    per label through its settings (targets), error bars over seeds.
+
+    The accuracy axis keeps to `zoom` points below the best mean, so that a naive baseline
+    at chance level does not flatten the comparison that matters; a label with every point
+    below that is named in the legend with its accuracy range instead.
+    """
     panels = [("flops_ratio", "FLOPs ratio (pruned / original)")]
     if any("latency_ratio" in r.stats for r in rows):
         panels.append(("latency_ratio", "CPU latency ratio (pruned / original)"))
     fig = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     labels = list(dict.fromkeys(r.label for r in rows))
+    accuracy = {label: [r.stats["accuracy"].mean * 100 for r in rows if r.label == label]
+                for label in labels}  # fmt: skip
+    floor = max(max(a) for a in accuracy.values()) - zoom
     for ax, (key, xlabel) in zip(axes, panels, strict=True):
         for label, marker in zip(labels, itertools.cycle(MARKERS)):
             points = sorted(
@@ -158,6 +167,8 @@ def pareto_figure(rows: Sequence[Row]) -> Figure:
             )
             if not points:
                 continue
+            low, high = min(accuracy[label]), max(accuracy[label])
+            shown = label if high >= floor else f"{label} (off scale: {low:.0f}–{high:.0f}%)"
             ax.errorbar(
                 [p.stats[key].mean for p in points],
                 [p.stats["accuracy"].mean * 100 for p in points],
@@ -165,13 +176,15 @@ def pareto_figure(rows: Sequence[Row]) -> Figure:
                 yerr=[(p.stats["accuracy"].std or 0) * 100 for p in points],
                 marker=marker,
                 capsize=3,
-                label=label,
+                label=shown,
             )
+        if min(min(a) for a in accuracy.values()) < floor:
+            ax.set_ylim(bottom=floor)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(rows[0].title)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(textwrap.fill(rows[0].title, 70 * len(panels)), fontsize=10)
     return fig
 
 

@@ -31,4 +31,5 @@ def cifar_resnet(
     return CifarResNet(num_classes=num_classes, in_channels=in_channels, shortcut=shortcut,
                        blocks=tuple(blocks))  # fmt: skip
 
+
 __all__ = ["CifarResNet", "create_model", "list_models", "register_model"]
