@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..bench import compare, ratios
 from ..cost import flops
-from ..data import dataset_info, make_loaders
+from ..data import DataInfo, dataset_info, make_loaders
 from ..models.registry import create_model_for
 from ..saving import atomic_path, export
 from ..train import evaluate
@@ -78,6 +78,27 @@ def _first(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
+def _work_dir(out: Path, study: StudyConfig, run: RunConfig, seed: int) -> Path:
+    """Where a run keeps its training outputs and its final model."""
+    return out / study.name / run.run_id(seed)
+
+
+def _results_path(out: Path, study: StudyConfig, run: RunConfig, seed: int) -> Path:
+    work = _work_dir(out, study, run, seed)
+    return work.with_name(f"{work.name}.json")  # not with_suffix: run ids hold dots (0.7)
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _original(run: RunConfig, info: DataInfo) -> tuple[nn.Module, Tensor]:
+    """The untrained network every ratio is taken to, and example inputs for it."""
+    model = create_model_for(run.model, info.num_classes, info.in_channels, dict(run.model_args))
+    return model, torch.randn(2, info.in_channels, info.image_size, info.image_size)
+
+
 def run_one(
     study: StudyConfig,
     run: RunConfig,
@@ -100,9 +121,8 @@ def run_one(
         test_subset=run.test_subset,
         seed=seed,
     )
-    model = create_model_for(run.model, info.num_classes, info.in_channels, dict(run.model_args))
-    original = copy.deepcopy(model).eval()  # the untrained network every ratio is taken to
-    x = torch.randn(2, info.in_channels, info.image_size, info.image_size)
+    model, x = _original(run, info)
+    original = copy.deepcopy(model).eval()
     ctx = RunContext(
         run=run,
         seed=seed,
@@ -110,7 +130,7 @@ def run_one(
         train_loader=train_loader,
         example_inputs=x.to(run.device),
         cache_dir=out / CACHE,
-        work_dir=out / study.name / run.run_id(seed),
+        work_dir=_work_dir(out, study, run, seed),
         log=log,
     )
     began = time.perf_counter()
@@ -194,7 +214,7 @@ def run_study(
     jobs = _jobs(config, seeds, only)
     records = []
     for i, (run, seed) in enumerate(jobs, 1):
-        path = out / config.name / f"{run.run_id(seed)}.json"
+        path = _results_path(out, config, run, seed)
         head = f"[{config.name} {i}/{len(jobs)}] {run.run_id(seed)} ({run.method})"
         if path.is_file() and not force:
             log(f"{head}: done before, reading {path}")
@@ -202,8 +222,7 @@ def run_study(
             continue
         log(f"{head}: a budget of {run.epochs} epoch(s) on {run.dataset}")
         record = run_one(config, run, seed, out, latency=latency, log=log)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
+        _write_record(path, record)
         lat = record["latency_ratio"]
         log(
             f"{head}: accuracy {record['accuracy']:.4f}, FLOPs ratio {record['flops_ratio']:.3f}"
@@ -229,23 +248,18 @@ def time_study(
     out = Path(out_dir)
     records = []
     for run, seed in _jobs(config, seeds, only):
-        path = out / config.name / f"{run.run_id(seed)}.json"
+        path = _results_path(out, config, run, seed)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: run the study before timing it")
         record = json.loads(path.read_text())
-        final = out / config.name / run.run_id(seed) / FINAL
+        final = _work_dir(out, config, run, seed) / FINAL
         if run.latency.enabled and (record["latency_ratio"] is None or force):
             if not final.is_file():
                 raise FileNotFoundError(f"{final} does not exist: rerun {path.stem} with --force")
             seed_everything(seed)
-            info = dataset_info(run.dataset, run.data_root)
-            original = create_model_for(
-                run.model, info.num_classes, info.in_channels, dict(run.model_args)
-            ).eval()
-            x = torch.randn(2, info.in_channels, info.image_size, info.image_size)
-            record |= measure_latency(original, final, x, run.latency)
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(record, indent=2) + "\n")
+            original, x = _original(run, dataset_info(run.dataset, run.data_root))
+            record |= measure_latency(original.eval(), final, x, run.latency)
+            _write_record(path, record)
             log(f"[{config.name}] {path.stem}: latency ratio {record['latency_ratio']:.3f}")
         records.append(record)
     return records

@@ -159,6 +159,9 @@ def pareto_figure(rows: Sequence[Row], zoom: float = 20.0) -> Figure:
     accuracy = {label: [r.stats["accuracy"].mean * 100 for r in rows if r.label == label]
                 for label in labels}  # fmt: skip
     floor = max(max(a) for a in accuracy.values()) - zoom
+    clipped = min(min(a) for a in accuracy.values()) < floor
+    shown = {label: label if max(a) >= floor else f"{label} (off scale: {min(a):.0f}–{max(a):.0f}%)"
+             for label, a in accuracy.items()}  # fmt: skip
     for ax, (key, xlabel) in zip(axes, panels, strict=True):
         for label, marker in zip(labels, itertools.cycle(MARKERS)):
             points = sorted(
@@ -167,8 +170,6 @@ def pareto_figure(rows: Sequence[Row], zoom: float = 20.0) -> Figure:
             )
             if not points:
                 continue
-            low, high = min(accuracy[label]), max(accuracy[label])
-            shown = label if high >= floor else f"{label} (off scale: {low:.0f}–{high:.0f}%)"
             ax.errorbar(
                 [p.stats[key].mean for p in points],
                 [p.stats["accuracy"].mean * 100 for p in points],
@@ -176,9 +177,9 @@ def pareto_figure(rows: Sequence[Row], zoom: float = 20.0) -> Figure:
                 yerr=[(p.stats["accuracy"].std or 0) * 100 for p in points],
                 marker=marker,
                 capsize=3,
-                label=shown,
+                label=shown[label],
             )
-        if min(min(a) for a in accuracy.values()) < floor:
+        if clipped:
             ax.set_ylim(bottom=floor)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
