@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 Head = Literal["ste", "gumbel", "bernoulli"]
@@ -48,6 +49,19 @@ class GateConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        for name in ("fc_layers", "hidden"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"GateConfig.{name} must be an integer, got {v!r}")
+        for name in ("tau", "init_bias", "momentum"):
+            v = getattr(self, name)
+            if v is None and name == "momentum":
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"GateConfig.{name} must be a finite number, got {v!r}")
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
+        if not isinstance(exclude, (tuple, list)) or not all(isinstance(p, str) for p in exclude):
+            raise ValueError(f"GateConfig.exclude takes name patterns (str), got {self.exclude!r}")
         if self.mode not in MODES:
             raise ValueError(f"GateConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.position not in POSITIONS:
@@ -64,12 +78,16 @@ class GateConfig:
             raise ValueError(f"GateConfig.tau must be > 0, got {self.tau}")
         if self.momentum is not None and not 0 < self.momentum <= 1:
             raise ValueError(f"GateConfig.momentum must be in (0, 1] or None, got {self.momentum}")
-        exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
-        object.__setattr__(self, "exclude", exclude)
+        object.__setattr__(self, "exclude", tuple(exclude))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GateConfig:
+        """The config `to_dict` wrote; ValueError for a key that is not a field."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"GateConfig has no field {unknown}; its fields are {names}")
         return cls(**d)

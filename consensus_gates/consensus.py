@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,31 +70,84 @@ def consensus(model: nn.Module, threshold: float = 0.5) -> Consensus:
     return Consensus(decisions, rates, agreement)
 
 
-def normalize_decision(gate: Gate, value) -> bool | tuple[bool, ...]:
-    """A layer gate's decision as a bool; a channel gate's as a tuple of one bool per channel
-    (a single bool applies to every channel)."""
+def normalize_decision(gate: Gate, value: Any) -> bool | tuple[bool, ...]:
+    """A layer gate's decision as a bool; a channel gate's as a tuple of one bool per unit
+    (a single bool applies to every unit).
+
+    A decision is a bool or 0/1: a Python bool or int, a numpy or torch bool or integer
+    scalar, and, for a channel gate, a sequence or 1-d array of them of the gate's length.
+    Anything else (strings, floats, other numbers) raises a ValueError naming the gate.
+    """
     if isinstance(gate, LayerGate):
-        return bool(value)
+        flag = _flag(value)
+        if flag is None:
+            raise ValueError(
+                f"gate '{gate.name}' is a layer gate: its decision is one bool (True: open, "
+                f"False: closed) or 0/1; got {_shown(value)}"
+            )
+        return flag
+    flag = _flag(value)
+    if flag is not None:
+        return (flag,) * gate.units
+    items = _items(value)
+    flags = None if items is None else [_flag(v) for v in items]
+    per = f" (one per position in each of its {gate.groups} groups)" if gate.groups > 1 else ""
+    if flags is None or any(f is None for f in flags):
+        raise ValueError(
+            f"gate '{gate.name}' takes {gate.units} decisions{per}: a sequence or 1-d array of "
+            f"bools or 0/1 (or one bool for all); got {_shown(value)}"
+        )
+    if len(flags) != gate.units:
+        raise ValueError(f"gate '{gate.name}' takes {gate.units} decisions{per}; got {len(flags)}")
+    return tuple(flags)
+
+
+def _flag(value: Any) -> bool | None:
+    """`value` as a bool if it is one, or 0 or 1 of an integer type; else None."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if value.ndim != 0:
+            return None
+        value = value.item()
+    elif isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, bool):
-        return (value,) * gate.units
-    values = tuple(bool(v) for v in (value.tolist() if torch.is_tensor(value) else value))
-    if len(values) != gate.units:
-        per = f" (one per position in each of its {gate.groups} groups)" if gate.groups > 1 else ""
-        raise ValueError(f"gate '{gate.name}' takes {gate.units} decisions{per}; got {len(values)}")
-    return values
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    return None
+
+
+def _items(value: Any) -> list | None:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist() if value.ndim == 1 else None
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
 def resolve_decisions(
-    model: nn.Module, decisions: Mapping[str, bool] | Consensus | None
-) -> dict[str, bool]:
-    """A full name→bool mapping: given names as given, the others from the consensus."""
+    model: nn.Module, decisions: Mapping[str, Any] | Consensus | None
+) -> dict[str, bool | tuple[bool, ...]]:
+    """A full name→decision mapping: given names as given, the others from the consensus."""
     gates = require_gated(model).gates
     if isinstance(decisions, Consensus):
         decisions = decisions.decisions
+    if decisions is not None and not isinstance(decisions, Mapping):
+        raise TypeError(
+            f"decisions must map gate names to decisions (a dict), a Consensus or None; got "
+            f"{type(decisions).__name__}"
+        )
     given = dict(decisions or {})
     unknown = sorted(set(given) - set(gates))
     if unknown:
-        raise KeyError(f"no gate named {unknown}; the gates are {list(gates)}")
+        hints = {u: difflib.get_close_matches(str(u), list(gates), n=1) for u in unknown}
+        hint = "".join(f"; did you mean '{h[0]}' for '{u}'?" for u, h in hints.items() if h)
+        raise KeyError(f"no gate named {unknown}{hint}; the gates are {list(gates)}")
     base = consensus(model).decisions
     return {name: normalize_decision(g, given.get(name, base[name])) for name, g in gates.items()}
 

@@ -16,9 +16,9 @@ from torch_pruning.pruner import function as tp_function
 
 from .blocks import producer_chain
 from .consensus import Consensus, resolve_decisions
+from .fold import fold_closed_points
 from .gates import ChannelGate, LayerGate
 from .insert import (
-    BRANCH_KEY,
     META_KEY,
     attr_name,
     example_inputs_of,
@@ -44,11 +44,15 @@ def materialize(
         A plain `torch.fx.GraphModule` on the same device and dtype: a closed block becomes
         its shortcut (plus whatever followed the merge), an open one runs its branch ungated.
         No gate code, mask or multiplication by 1 is left. In eval mode its output equals the
-        gated model's with `fix_decisions(model, decisions)`.
+        gated model's with `fix_decisions(model, decisions)`. It works inside
+        `torch.no_grad()` and `torch.inference_mode()` too.
     """
     gated = require_gated(model)
     resolved = resolve_decisions(gated, decisions)
-    slim = slim_graph_module(copy.deepcopy(gated), resolved)
+    # torch-pruning traces dependencies through autograd, and tensors copied in inference
+    # mode could never train again: do the surgery with both back on.
+    with torch.inference_mode(False), torch.enable_grad():
+        slim = slim_graph_module(copy.deepcopy(gated), resolved)
     slim.meta[META_KEY] = {**gated.meta[META_KEY], "kind": "slim", "decisions": resolved}
     return slim
 
@@ -89,8 +93,58 @@ def _drop_operand(graph: fx.Graph, scaled: fx.Node) -> None:
     if alpha != 1 and merge.args[1] is skip:  # torch.add(scaled, skip, alpha=a) keeps a * skip
         with graph.inserting_before(merge):
             result = graph.call_function(operator.mul, (skip, alpha))
+    else:
+        _keep_fresh(graph, merge)
     merge.replace_all_uses_with(result)
     graph.erase_node(merge)  # an in-place merge (out.add_(x)) would otherwise survive DCE
+
+
+def _keep_fresh(graph: fx.Graph, merge: fx.Node) -> None:
+    """The merge made a fresh tensor, but the skip that replaces it may be read elsewhere (a
+    concat, a head, the model's input): an op that updated the merge in place (a ReLU with
+    ``inplace=True``) computes out of place instead, or, if the merge is read after it, on a
+    copy."""
+    modules = dict(graph.owning_module.named_modules())
+    mutating = [u for u in merge.users if u.args and u.args[0] is merge and _mutates(u, modules)]
+    if not mutating:
+        return
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    if len(mutating) == 1 and all(order[u] <= order[mutating[0]] for u in merge.users):
+        _out_of_place(mutating[0], modules)
+        return
+    with graph.inserting_after(merge):
+        fresh = graph.call_function(torch.clone, (merge,))
+    merge.replace_all_uses_with(fresh, delete_user_cb=lambda n: n is not fresh)
+
+
+INPLACE_FUNCTIONS = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, torch.relu_: torch.relu,
+}  # fmt: skip
+
+
+def _mutates(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether `n` updates its first argument in place."""
+    if n.op == "call_module":
+        return getattr(modules.get(n.target), "inplace", False) is True
+    return is_inplace(n) or (
+        n.op == "call_function"
+        and (n.target in INPLACE_FUNCTIONS or n.kwargs.get("inplace") is True)
+    )
+
+
+def _out_of_place(n: fx.Node, modules: dict[str, nn.Module]) -> None:
+    if n.op == "call_module":  # a copy: the module may be called elsewhere too
+        module = copy.copy(modules[n.target])
+        module.inplace = False
+        n.target = f"{n.target}_out_of_place".replace(".", "_")
+        n.graph.owning_module.add_submodule(n.target, module)
+    elif n.op == "call_method":
+        n.target = n.target[:-1]
+    elif n.target in INPLACE_FUNCTIONS:
+        n.target = INPLACE_FUNCTIONS[n.target]
+    else:
+        n.kwargs = {**n.kwargs, "inplace": False}
 
 
 def _drop_identities(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
@@ -122,22 +176,26 @@ def _drop_redundant_relus(graph: fx.Graph, modules: dict[str, nn.Module]) -> Non
 def _cut_channels(work: fx.GraphModule, decisions: Mapping, inputs) -> None:
     """Channel surgery, after the layer gates are gone: torch-pruning removes each partly
     closed middle group with everything coupled to it; "after" keeps the add exact with
-    ``index_add``; "before" reads the kept channels with ``index_select``."""
+    ``index_add``; "before" reads the kept channels with ``index_select``. A fully closed
+    "after" gate drops its branch; a fully closed middle or before one becomes zeros,
+    folded into constants once the channels are cut (so the constants have the cut
+    widths)."""
     graph, modules = work.graph, dict(work.named_modules())
-    gates = [(n, g) for n, g in gate_nodes(work) if isinstance(g, ChannelGate)]
-    constants = _closed_branch_outputs(work, gates, decisions, inputs)
-    groups = []
-    for node, gate in gates:
+    groups, zeros = [], []
+    for node, gate in gate_nodes(work):
+        if not isinstance(gate, ChannelGate):
+            continue
         (masked,) = node.users  # mul(point, gate), built by insert_gates
         point, keep = masked.args[0], gate.channel_decisions(decisions[gate.name])
         closed = [i for i, k in enumerate(keep) if not k]
-        if not closed or (gate.block in constants and len(closed) < len(keep)):
-            masked.replace_all_uses_with(point)  # open, or in a branch that is now a constant
-        elif len(closed) == len(keep):  # the whole branch is cut, as a layer gate does
-            if gate.position == "after":
-                _drop_operand(graph, masked)
-            else:
-                _replace_with_constant(work, gate, constants[gate.block])
+        if not closed:
+            masked.replace_all_uses_with(point)
+        elif len(closed) == len(keep) and gate.position == "after":
+            _drop_operand(graph, masked)  # the whole branch goes, as with a layer gate
+        elif len(closed) == len(keep):
+            with graph.inserting_before(masked):
+                zeros.append(graph.call_function(operator.mul, (point, 0.0)))
+            masked.replace_all_uses_with(zeros[-1])
         elif gate.position == "middle":
             masked.replace_all_uses_with(point)
             groups.append((modules[producer_chain(point, modules)[-1].target], closed))
@@ -156,9 +214,33 @@ def _cut_channels(work: fx.GraphModule, decisions: Mapping, inputs) -> None:
     eliminate_dead_code(graph)
     work.recompile()
     if groups:
-        dg = tp.DependencyGraph().build_dependency(work, example_inputs=inputs)
+        dg = tp.DependencyGraph()
+        dg.build_dependency(
+            work, example_inputs=inputs, unwrapped_parameters=unwrapped_parameters(dg, work)
+        )
         for module, closed in groups:
             cut_out_channels(dg, module, closed)
+    if zeros:
+        fold_closed_points(work, zeros, inputs)
+        eliminate_dead_code(graph)
+
+
+def unwrapped_parameters(
+    dg: tp.DependencyGraph, model: nn.Module
+) -> list[tuple[nn.Parameter, int]]:
+    """Parameters outside the layers torch-pruning knows (ConvNeXt's layer scale, a class
+    token), each with the dim a channel cut removes: its last dim larger than 1, the channel
+    dim of a ``(C, 1, 1)`` scale and of a ``(1, N, C)`` token table alike. Passing them
+    explicitly keeps torch-pruning from warning about its guess on every cut."""
+    known = set(dg.REGISTERED_PRUNERS) - {tp_ops.OPTYPE.ELEMENTWISE}
+    wrapped = {id(p) for m in model.modules() if tp_ops.module2type(m) in known
+               for p in m.parameters()}  # fmt: skip
+    found = []
+    for p in model.parameters():
+        dims = [d for d, s in enumerate(p.shape) if s > 1]
+        if id(p) not in wrapped and dims:
+            found.append((p, dims[-1]))
+    return found
 
 
 def cut_out_channels(dg: tp.DependencyGraph, module: nn.Module, idxs: list[int]) -> None:
@@ -199,52 +281,3 @@ def _scatter_into_skip(work: fx.GraphModule, masked, point, gate: ChannelGate, k
         )
     merge.replace_all_uses_with(scattered)
     work.graph.erase_node(merge)
-
-
-def _closed_branch_outputs(work, gates, decisions, inputs) -> dict[str, torch.Tensor]:
-    """With every channel of a middle or before gate closed, the branch outputs a constant
-    (its last layers' biases): run the gated graph once, pinned, and read it."""
-    blocks = {g.block for _, g in gates if g.position != "after" and not any(decisions[g.name])}
-    if not blocks:
-        return {}
-    saved = {g.name: g.fixed for _, g in gates}
-    for _, g in gates:
-        g.fixed = decisions[g.name]
-    outputs = {n: n.meta[BRANCH_KEY] for n in work.graph.nodes if n.meta.get(BRANCH_KEY) in blocks}
-    captured: dict[str, torch.Tensor] = {}
-
-    class Capture(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in outputs:
-                captured[outputs[n]] = out[:1].detach().clone()
-            return out
-
-    was_training = work.training
-    try:
-        with torch.no_grad():
-            Capture(work.eval()).run(*inputs)
-    finally:
-        work.train(was_training)
-        for _, g in gates:
-            g.fixed = saved[g.name]
-    return captured
-
-
-def _replace_with_constant(work: fx.GraphModule, gate: ChannelGate, value: torch.Tensor) -> None:
-    """Swap the branch's output for its constant value, reduced to one value per channel
-    when it is uniform (it is unless a padded conv follows the cut)."""
-    dims = [d for d in range(value.dim()) if d != gate.channel_dim]
-    per_channel = value.mean(dim=dims, keepdim=True)
-    if torch.equal(per_channel.expand_as(value), value):
-        value = per_channel
-    name = "cg_const_" + attr_name(gate.block)
-    output = next(n for n in work.graph.nodes if n.meta.get(BRANCH_KEY) == gate.block)
-    if not hasattr(work, name):
-        work.register_buffer(name, value)
-    with work.graph.inserting_after(output):
-        const = work.graph.get_attr(name)
-    output.replace_all_uses_with(const)
-    for user in const.users:  # never update the constant in place: const.add_(x) -> const.add(x)
-        if is_inplace(user) and user.args[0] is const:
-            user.target = user.target[:-1]

@@ -184,6 +184,17 @@ def record_shapes(gm: fx.GraphModule, example_inputs: tuple[Tensor, ...]) -> Non
         with torch.no_grad():
             _ShapeRecorder(gm).run(*example_inputs)
     except _NodeFailure as f:
+        for placeholder, t in zip(placeholders, example_inputs, strict=False):
+            layer = first_layer(gm, placeholder)
+            if layer is not None and layer[1].weight.dtype != t.dtype:
+                name, module = layer
+                raise InputError(
+                    f"example input '{placeholder.name}' has dtype {t.dtype}, but its first "
+                    f"layer '{name}' ({type(module).__name__}) has {module.weight.dtype} "
+                    f"weights: pass {module.weight.dtype} inputs (for example "
+                    f"x.to({module.weight.dtype})), or convert the model with "
+                    f"model.to({t.dtype})"
+                ) from f.error
         got = ", ".join(str(tuple(t.shape)) for t in example_inputs)
         expected = expected_input_shape(gm, placeholders[0])
         where = f"module '{f.node.target}'" if f.node.op == "call_module" else f"'{f.node.name}'"
@@ -197,20 +208,31 @@ def record_shapes(gm: fx.GraphModule, example_inputs: tuple[Tensor, ...]) -> Non
         gm.train(was_training)
 
 
-def expected_input_shape(gm: fx.GraphModule, placeholder: fx.Node) -> str | None:
-    """Describe the input shape the first layer that reads `placeholder` expects."""
+def first_layer(gm: fx.GraphModule, placeholder: fx.Node) -> tuple[str, nn.Module] | None:
+    """The first conv or linear layer that reads `placeholder` (breadth-first, through no
+    other layer with weights), by name."""
     modules = dict(gm.named_modules())
     frontier, seen = list(placeholder.users), set()
-    while frontier:  # breadth-first: the first weighted layer that sees the input
+    while frontier:
         node = frontier.pop(0)
         if node in seen:
             continue
         seen.add(node)
         m = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(m, nn.modules.conv._ConvNd):
-            spatial = {1: "L", 2: "H, W", 3: "D, H, W"}[len(m.kernel_size)]
-            return f"(N, {m.in_channels}, {spatial}) for '{node.target}' ({type(m).__name__})"
-        if isinstance(m, nn.Linear):
-            return f"(N, ..., {m.in_features}) for '{node.target}' (Linear)"
-        frontier.extend(node.users)
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            return node.target, m
+        if m is None or not any(True for _ in m.parameters()):  # not past an embedding
+            frontier.extend(node.users)
     return None
+
+
+def expected_input_shape(gm: fx.GraphModule, placeholder: fx.Node) -> str | None:
+    """Describe the input shape the first layer that reads `placeholder` expects."""
+    layer = first_layer(gm, placeholder)
+    if layer is None:
+        return None
+    name, m = layer
+    if isinstance(m, nn.Linear):
+        return f"(N, ..., {m.in_features}) for '{name}' (Linear)"
+    spatial = {1: "L", 2: "H, W", 3: "D, H, W"}[len(m.kernel_size)]
+    return f"(N, {m.in_channels}, {spatial}) for '{name}' ({type(m).__name__})"

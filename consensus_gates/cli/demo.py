@@ -18,23 +18,25 @@ from ..insert import insert_gates
 from ..models import create_model
 from ..saving import atomic_path, export, save
 from ..train import TrainConfig, evaluate, train
-from .app import main
+from .app import main, out_folder, overwrite_option, refuse_existing_run
 from .slim import print_report, slim_report
 
 
 @main.command("demo")
 @click.option("--data-root", default="data", show_default=True,
               help="Fashion-MNIST's folder; downloaded there if missing")  # fmt: skip
-@click.option("--out", "out_dir", default="runs/demo", show_default=True)
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, callback=out_folder)
+@overwrite_option
 @click.option("--epochs", default=4, show_default=True)
-@click.option("--subset", default=15000, show_default=True, help="training images (0: all)")
+@click.option("--subset", type=click.IntRange(min=0), default=15000, show_default=True,
+              help="training images (0: all)")  # fmt: skip
 @click.option("--target", default=0.5, show_default=True, help="FLOPs budget, original = 1")
 @click.option("--batch", default=64, show_default=True, help="batch size for the latency test")
 @click.option("--rounds", default=3, show_default=True, help="alternating timing rounds")
 @click.option("--no-progress", is_flag=True)
 def demo(
-    data_root: str, out_dir: str, epochs: int, subset: int, target: float, batch: int,
-    rounds: int, no_progress: bool,
+    data_root: str, out_dir: str, overwrite: bool, epochs: int, subset: int, target: float,
+    batch: int, rounds: int, no_progress: bool,
 ) -> None:  # fmt: skip
     """Train a gated CIFAR ResNet-20 on Fashion-MNIST, cut it, time it, report.
 
@@ -42,15 +44,18 @@ def demo(
     and a FLOPs budget (--target) that a controller reaches through λ_act. About 5 minutes
     on 2 CPU cores. Prints accuracy,
     FLOPs, parameters and latency before and after; OUT gets the training outputs, the slim
-    model (slim.safetensors, slim.pt2) and report.json.
+    model (slim.safetensors, slim.pt2) and report.json. An OUT that holds a run (an
+    earlier demo) is kept unless --overwrite.
 
     \b
     Examples:
       cgates demo --data-root ../shared/data
-      cgates demo --epochs 1 --subset 2000 --rounds 1     # a quick look
+      cgates demo --data-root ../shared/data --overwrite  # run it again into runs/demo
+      cgates demo --epochs 1 --subset 2000 --rounds 1 --out runs/quick  # a quick look
     """
     began = time.time()
     out = Path(out_dir)
+    refuse_existing_run(out, overwrite)
     torch.manual_seed(0)
     try:
         train_loader, test_loader, info = make_loaders(
@@ -65,7 +70,8 @@ def demo(
     gated = insert_gates(model, x)
     click.echo(f"1/3 training {epochs} epochs on {len(train_loader.dataset):,} images")
     config = TrainConfig(epochs=epochs, target=target, progress=not no_progress)
-    train(gated, train_loader, test_loader, config, out_dir=out, log=click.echo)
+    train(gated, train_loader, test_loader, config, out_dir=out, overwrite=overwrite,
+          log=click.echo)  # fmt: skip
 
     click.echo("\n2/3 cutting out the consensus sub-network")
     slim, report = slim_report(gated)

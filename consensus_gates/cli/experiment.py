@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import click
 
 from ..errors import DataError, TrainingDiverged
-from ..experiments import ConfigError, load_study, run_study, time_study
-from .app import main
+from ..experiments import (
+    ConfigError,
+    StudyConfig,
+    check_study,
+    load_study,
+    run_study,
+    time_study,
+)
+from .app import main, out_folder
 
 
 def _seeds(text: str | None) -> list[int] | None:
@@ -23,6 +33,15 @@ def _seeds(text: str | None) -> list[int] | None:
     return seeds
 
 
+@contextlib.contextmanager
+def _errors_of(study: StudyConfig) -> Iterator[None]:
+    """A user's mistake in `study` as one line that names its file."""
+    try:
+        yield
+    except (DataError, TrainingDiverged, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(f"{study.path}: {e}") from e
+
+
 @main.command("experiment")
 @click.argument("configs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option(
@@ -31,6 +50,7 @@ def _seeds(text: str | None) -> list[int] | None:
     default="runs/experiments",
     show_default=True,
     help="results go to OUT/<study>/, shared dense models to OUT/cache/",
+    callback=out_folder,
 )
 @click.option("--seeds", "seeds_text", default=None, help="e.g. 0,1 [the config's seeds]")
 @click.option("--only", multiple=True, metavar="LABEL", help="run only this label (repeatable)")
@@ -76,16 +96,18 @@ def experiment_command(
         raise click.BadParameter(
             f"no run is labelled {', '.join(map(repr, sorted(unknown)))}", param_hint="--only"
         )
-    for study in studies:
-        labels = [label for label in study.labels if label in only] if only else None
-        if labels == []:
-            continue
-        try:
+    jobs = [(s, [label for label in s.labels if label in only] if only else None)
+            for s in studies]  # fmt: skip
+    jobs = [(study, labels) for study, labels in jobs if labels != []]
+    if not time_only:  # every run of every study, before the first trains
+        for study, labels in jobs:
+            with _errors_of(study):
+                check_study(study, out_dir, seeds=seeds, only=labels, force=force)
+    for study, labels in jobs:
+        with _errors_of(study):
             if time_only:
                 time_study(study, out_dir, seeds=seeds, only=labels, force=force, log=click.echo)
             else:
                 run_study(study, out_dir, seeds=seeds, only=labels, force=force,
                           latency=not no_latency, log=click.echo)  # fmt: skip
-        except (DataError, TrainingDiverged, ValueError, FileNotFoundError) as e:
-            raise click.ClickException(f"{study.path}: {e}") from e
     click.echo(f"\nresults in {out_dir}/; next: cgates summary {out_dir} -o results.md")

@@ -17,6 +17,7 @@ from ..errors import ModelFileError
 from ..insert import GatedModel, example_inputs_of
 from ..saving import export, load, read_spec, save
 from ..surgery import materialize
+from ..train import check_folder
 from .app import main
 
 
@@ -97,9 +98,9 @@ def slim_command(checkpoint: str, out_dir: str | None, threshold: float, as_json
       cgates slim runs/train/checkpoint.pt -o runs/slim --json
     """
     try:
+        out = check_folder(out_dir or Path(checkpoint).parent / "slim")
         gated = load_gated(checkpoint)
         slim, report = slim_report(gated, threshold)
-        out = Path(out_dir) if out_dir else Path(checkpoint).parent / "slim"
         save(slim, out / "slim.safetensors")
         x = tuple(torch.randn(2, *t.shape[1:], dtype=t.dtype) for t in example_inputs_of(gated))
         export(slim, x, out / "slim.pt2")  # batch 2: torch.export specializes a batch of 1

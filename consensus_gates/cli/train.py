@@ -13,7 +13,6 @@ import click
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import model_from_checkpoint
 from ..config import HEADS, MODES, POSITIONS, GateConfig
 from ..consensus import consensus
 from ..data import DATASETS, DataInfo, make_loaders
@@ -21,8 +20,15 @@ from ..errors import DataError, ModelFileError, TrainingDiverged
 from ..insert import GatedModel, insert_gates
 from ..models.registry import create_model_for
 from ..saving import atomic_path, load, read_spec
-from ..train import CHECKPOINT, SCHEDULES, TrainConfig, train
-from .app import main, model_arg_option, parse_model_args
+from ..train import CHECKPOINT, RUN, SCHEDULES, TrainConfig, check_resume, train
+from .app import (
+    main,
+    model_arg_option,
+    out_folder,
+    overwrite_option,
+    parse_model_args,
+    refuse_existing_run,
+)
 
 
 def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
@@ -98,7 +104,7 @@ def _relaunch(nproc: int) -> None:
 @click.option("--lambda-polar", default=2.0, show_default=True)
 @click.option("--polar-schedule", type=click.Choice(SCHEDULES), default="step", show_default=True)
 @click.option("--polar-steps", default=None, help="a,b for the step schedule [paper's, scaled]")
-@click.option("--warmup-epochs", default=1, show_default=True)
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--lambda-act", default=0.5, show_default=True, help="unused with --target")
 @click.option("--act-weight", type=click.Choice(["flops", "uniform"]), default="flops")
 @click.option("--target", type=float, default=None, help="sparsity target in (0, 1]")
@@ -111,12 +117,17 @@ def _relaunch(nproc: int) -> None:
     help="share of training over which the setpoint moves from 1 to --target "
     "[the epochs before λ_polar rises]",
 )  # fmt: skip
-@click.option("--subset", type=int, default=None, help="train on this many images only")
-@click.option("--test-subset", type=int, default=None, help="test on this many images only")
+@click.option("--subset", type=click.IntRange(min=1), default=None,
+              help="train on this many images only [all]")  # fmt: skip
+@click.option("--test-subset", type=click.IntRange(min=1), default=None,
+              help="test on this many images only [all]")  # fmt: skip
 @click.option("--workers", type=int, default=None, help="DataLoader workers [0 on CPU, else 4]")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--out", "out_dir", default="runs/train", show_default=True)
-@click.option("--resume", is_flag=True, help="continue OUT/checkpoint.pt exactly")
+@click.option("--out", "out_dir", default="runs/train", show_default=True, callback=out_folder)
+@click.option("--resume", is_flag=True,
+              help="continue OUT/checkpoint.pt exactly; give the same MODEL, data and options "
+              "(only --epochs may change)")  # fmt: skip
+@overwrite_option
 @click.option("--nproc", type=int, default=None, help="train with N processes (torchrun, DDP)")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @model_arg_option
@@ -126,23 +137,30 @@ def train_command(model: str, data_name: str, data_root: str, download: bool, ep
                   polar_steps: str | None, warmup_epochs: int, lambda_act: float,
                   act_weight: str, target: float | None, target_kind: str,
                   target_ramp: float | None, subset: int | None, test_subset: int | None,
-                  workers: int | None, seed: int,
-                  out_dir: str, resume: bool, nproc: int | None, no_progress: bool,
+                  workers: int | None, seed: int, out_dir: str, resume: bool, overwrite: bool,
+                  nproc: int | None, no_progress: bool,
                   model_args: tuple[str, ...]) -> None:  # fmt: skip
     """Gate MODEL and train its weights and gates together in one pass.
 
     MODEL is a zoo or torchvision name (sized to the data set's classes), or a model file
-    written by `save`. OUT gets metrics.jsonl, checkpoint.pt (every epoch), gates.png and
-    curves.png; then `cgates slim OUT/checkpoint.pt` cuts the consensus sub-network out.
+    written by `save`. OUT gets run.json, metrics.jsonl, checkpoint.pt (every epoch),
+    gates.png and curves.png; then `cgates slim OUT/checkpoint.pt` cuts the consensus
+    sub-network out. An OUT that holds a run is refused unless --resume or --overwrite.
 
     \b
     Examples:
       cgates train resnet20 --data fashion_mnist --data-root ../shared/data --epochs 4
       cgates train resnet56 --data cifar10 --download --epochs 200 --target 0.5
       cgates train resnet20 --data cifar10 --mode channel --head gumbel --out runs/ch
-      cgates train resnet20 --data cifar10 --out runs/ch --resume
+      cgates train resnet20 --data cifar10 --mode channel --head gumbel --out runs/ch \\
+          --epochs 20 --resume                              # 10 more epochs
       cgates train resnet56 --data cifar10 --nproc 2      # DistributedDataParallel
     """
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in --out, --overwrite replaces it")
+    out = Path(out_dir)
+    if not resume:  # before a torchrun relaunch, and before any rank writes run.json
+        refuse_existing_run(out, overwrite, resumable=True)
     if nproc is not None and nproc > 1 and "LOCAL_RANK" not in os.environ:
         _relaunch(nproc)
     device = _init_distributed()
@@ -162,16 +180,17 @@ def train_command(model: str, data_name: str, data_root: str, download: bool, ep
             subset=subset, test_subset=test_subset, seed=seed, distributed=distributed,
             workers=workers if workers is not None else (0 if device.type == "cpu" else 4),
         )  # fmt: skip
-        out = Path(out_dir)
-        if resume:
-            gated = model_from_checkpoint(out / CHECKPOINT).train()
-        else:
-            gate_config = GateConfig(mode=mode, position=position, head=head, fc_layers=fc_layers)
-            gated = build_gated(model, parse_model_args(model_args), info, gate_config)
-            if rank == 0:
-                _write_run(out, model, data_name, config, gated)
+        gate_config = GateConfig(mode=mode, position=position, head=head, fc_layers=fc_layers)
+        gated = build_gated(model, parse_model_args(model_args), info, gate_config)
+        # the data as the checkpoint remembers it, wherever --data-root puts it
+        identity = {"data": data_name, "subset": subset, "test_subset": test_subset}
+        if resume:  # refuse a changed run before run.json says it was resumed
+            check_resume(out, gated, config, identity)
+        if rank == 0:
+            _write_run(out, model, identity, config, gated, resume)
         train(gated, train_loader, test_loader, config, out_dir=out, device=device,
-              resume=resume, log=click.echo)  # fmt: skip
+              resume=resume, overwrite=not resume, identity=identity,
+              log=click.echo)  # fmt: skip
     except (DataError, ModelFileError, TrainingDiverged, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     finally:
@@ -182,10 +201,27 @@ def train_command(model: str, data_name: str, data_root: str, download: bool, ep
         click.echo(f"\nwrote {out}/; next: cgates slim {out / CHECKPOINT} -o {out / 'slim'}")
 
 
-def _write_run(out: Path, model: str, data: str, config: TrainConfig, gated: GatedModel) -> None:
-    """run.json: what was trained, for people reading the folder later."""
-    run = {"model": model, "data": data, "gates": gated.spec["config"],
+def _write_run(
+    out: Path, model: str, identity: dict[str, Any], config: TrainConfig, gated: GatedModel,
+    resumed: bool,
+) -> None:  # fmt: skip
+    """run.json: what was trained, for people reading the folder later. A resumed run keeps
+    the first command in ``argv`` and adds its own to ``resumed``."""
+    run = {"model": model, **identity, "gates": gated.spec["config"],
            "train": json.loads(json.dumps(config.__dict__)), "argv": sys.argv}  # fmt: skip
+    if resumed:
+        before = _read_json(out / RUN)
+        run["argv"] = before.get("argv")
+        run["resumed"] = [*before.get("resumed", []), sys.argv]
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "run.json") as tmp:
+    with atomic_path(out / RUN) as tmp:
         tmp.write_text(json.dumps(run, indent=2) + "\n")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; {} if it is missing or not one (run.json is for people)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -2,8 +2,9 @@
 
 - `config`   a study read from TOML (`load_study`, `StudyConfig`, `RunConfig`)
 - `methods`  what each compared method does with the run's epochs (`METHODS`)
-- `runner`   every run × seed to one results JSON, resumable (`run_study`); timing apart,
-             on a quiet machine (`time_study`)
+- `runner`   every run × seed to one results JSON, resumable (`run_study`), each run
+             checked before the first trains (`check_study`); timing apart, on a quiet
+             machine (`time_study`)
 - `summary`  markdown tables and Pareto plots from the results (`write_summary`)
 
 From the command line: ``cgates experiment CONFIG --out DIR`` and
@@ -12,7 +13,7 @@ From the command line: ``cgates experiment CONFIG --out DIR`` and
 
 from .config import ConfigError, LatencyConfig, RunConfig, StudyConfig, load_study
 from .methods import METHODS
-from .runner import run_study, time_study
+from .runner import check_study, run_study, time_study
 from .summary import write_summary
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "LatencyConfig",
     "RunConfig",
     "StudyConfig",
+    "check_study",
     "load_study",
     "run_study",
     "time_study",

@@ -41,10 +41,12 @@ import difflib
 import itertools
 import re
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..bench import BenchConfig
 from ..config import GateConfig
@@ -145,6 +147,10 @@ class RunConfig:
             raise ValueError(f"target must be in (0, 1], got {self.target}")
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 0:
             raise ValueError("epochs and batch_size must be >= 1, workers >= 0")
+        for name in ("train_subset", "test_subset"):
+            size = getattr(self, name)
+            if size is not None and size < 1:
+                raise ValueError(f"{name} must be >= 1 (leave it out for every image), got {size}")
         if self.method.startswith("tp-") and not 1 <= self.finetune_epochs < self.epochs:
             raise ValueError(
                 f"finetune_epochs must be between 1 and epochs - 1 = {self.epochs - 1} (the "
@@ -234,6 +240,40 @@ def _check_type(value: Any, types: tuple[type, ...], key: str, where: str) -> No
         raise ConfigError(f"{where}: {key!r} must be {_KINDS[types]}, got {value!r}")
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a TOML value fits a dataclass field's type (a list for a tuple; a Literal's
+    values are left to the dataclass, which names them)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args if a is not type(None))
+    if origin is Literal:
+        return any(isinstance(value, type(a)) for a in args)
+    if origin is tuple:
+        if not isinstance(value, list):
+            return False
+        if args[1:] == (Ellipsis,):
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(map(_fits, value, args))
+    if hint is float:
+        return isinstance(value, _NUMBER) and not isinstance(value, bool)
+    return isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    """A field's type in words: "a number", "a list of 2 integers"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in args if a is not type(None))
+    if origin is Literal:
+        return f"one of {', '.join(map(repr, args))}"
+    if origin is tuple:
+        count = "" if args[1:] == (Ellipsis,) else f"{len(args)} "
+        return f"a list of {count}{_describe(args[0], plural=True)}"
+    words = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+             str: ("a string", "strings"), bool: ("true or false", "booleans")}  # fmt: skip
+    return words[hint][plural]
+
+
 def _check_keys(table: Mapping[str, Any], where: str, *, label: bool) -> None:
     for key, value in table.items():
         if key not in _RUN_KEYS or (key == "label" and not label):
@@ -266,11 +306,14 @@ def _sub_config(cls: type, table: Mapping[str, Any], where: str, **filled: Any) 
     """Build `cls` (GateConfig, TrainConfig, LatencyConfig) from a TOML table, letting its own
     validation speak; TOML arrays become the tuples the dataclasses expect."""
     names = [f.name for f in dataclasses.fields(cls)]
-    for key in table:
+    hints = typing.get_type_hints(cls)
+    for key, value in table.items():
         if key in filled:  # only TrainConfig has fields the run fills in
             raise ConfigError(f"{where}: {key!r} is not set here: {_SET_BY_RUN[key]}")
         if key not in names:
             raise _unknown(key, names, where)
+        if not _fits(value, hints[key]):
+            raise ConfigError(f"{where}: {key!r} must be {_describe(hints[key])}, got {value!r}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
     try:
         return cls(**values, **filled)

@@ -117,10 +117,11 @@ def _train(
     **recipe: Any,
 ) -> list[dict[str, Any]]:
     """`train` on the run's data and device with its recipe, `recipe` overriding fields of
-    the `TrainConfig`. No test set: the runner evaluates the final model once."""
+    the `TrainConfig`. No test set: the runner evaluates the final model once. A run without
+    a results file starts again from scratch, so its `out_dir` is overwritten."""
     config = replace(ctx.run.train, **recipe)
     return train(model, ctx.train_loader, None, config, out_dir=out_dir, device=ctx.run.device,
-                 log=ctx.log, epoch_end=epoch_end)  # fmt: skip
+                 overwrite=True, log=ctx.log, epoch_end=epoch_end)  # fmt: skip
 
 
 def _dense(ctx: RunContext, epochs: int) -> tuple[nn.Module, float]:

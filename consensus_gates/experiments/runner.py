@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..bench import compare, ratios
 from ..cost import flops
 from ..data import DataInfo, dataset_info, make_loaders
+from ..errors import DataError
 from ..models.registry import create_model_for
 from ..saving import atomic_path, export
 from ..train import evaluate
@@ -189,6 +190,30 @@ def _jobs(
     return [(run, seed) for run in runs for seed in seeds]
 
 
+def check_study(
+    config: StudyConfig,
+    out_dir: str | Path,
+    *,
+    seeds: Iterable[int] | None = None,
+    only: Iterable[str] | None = None,
+    force: bool = False,
+) -> None:
+    """Build the untrained model of every run still to train (its data set, model name and
+    model_args), so that a mistake in the last run stops the study before the first trains.
+    Raises ValueError (DataError for a missing data folder) naming the run."""
+    out, checked = Path(out_dir), set()
+    for run, seed in _jobs(config, seeds, only):
+        key = json.dumps([run.model, dict(run.model_args), run.dataset, run.data_root])
+        if key in checked or not force and _results_path(out, config, run, seed).is_file():
+            continue
+        checked.add(key)
+        try:
+            _original(run, dataset_info(run.dataset, run.data_root))
+        except (ValueError, DataError) as e:
+            kind = DataError if isinstance(e, DataError) else ValueError
+            raise kind(f"run {run.label!r}: {e}") from e
+
+
 def run_study(
     config: StudyConfig,
     out_dir: str | Path,
@@ -209,8 +234,11 @@ def run_study(
         force: rerun runs whose results file exists (otherwise they are read back).
         latency: False skips the timing even where the study asks for it.
         log: receives progress lines and the trainer's per-epoch lines.
+
+    Every run still to train is checked first (`check_study`).
     """
     out = Path(out_dir)
+    check_study(config, out, seeds=seeds, only=only, force=force)
     jobs = _jobs(config, seeds, only)
     records = []
     for i, (run, seed) in enumerate(jobs, 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -40,8 +41,6 @@ def list_models() -> list[str]:
 
 def accepts(name: str, keyword: str) -> bool:
     """Whether the registered constructor `name` takes `keyword` (False for torchvision)."""
-    import inspect
-
     fn = _REGISTRY.get(name)
     return fn is not None and keyword in inspect.signature(fn).parameters
 
@@ -51,22 +50,48 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
     Torchvision models are built with random weights unless ``weights=...`` is passed.
     The name and kwargs are remembered on the model so `save` can rebuild it.
+
+    Raises ValueError for an unknown name, or kwargs the constructor does not take.
     """
     if name in _REGISTRY:
-        model = _REGISTRY[name](**kwargs)
+        fn = _REGISTRY[name]
+        _check_kwargs(name, fn, kwargs)
     elif name in _torchvision_names():
         import torchvision
 
-        model = torchvision.models.get_model(name, **kwargs)
+        fn = torchvision.models.get_model_builder(name)
     else:
-        close = difflib.get_close_matches(name, list_models(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"unknown model {name!r}.{hint} See consensus_gates.list_models() for every name, "
-            "or register your own constructor with @consensus_gates.register_model()."
-        )
+        raise _unknown_model(name)
+    try:
+        model = fn(**kwargs)
+    except TypeError as e:  # a torchvision builder passes kwargs on to the model class
+        raise ValueError(f"{name} cannot be built with {kwargs}: {e}") from e
     setattr(model, SOURCE_ATTR, {"name": name, "kwargs": dict(kwargs)})
     return model
+
+
+def _unknown_model(name: str) -> ValueError:
+    close = difflib.get_close_matches(name, list_models(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ValueError(
+        f"unknown model {name!r}.{hint} See consensus_gates.list_models() for every name, "
+        "or register your own constructor with @consensus_gates.register_model()."
+    )
+
+
+def _check_kwargs(name: str, fn: Callable[..., nn.Module], kwargs: dict[str, Any]) -> None:
+    """ValueError naming the keywords that the registered constructor `fn` does not take."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = [n for n, p in params.items() if p.kind in named]
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise ValueError(
+            f"{name} takes no {', '.join(map(repr, unknown))}; its keywords: "
+            f"{', '.join(accepted) or 'none'}"
+        )
 
 
 def forget_source(model: nn.Module) -> None:
@@ -82,9 +107,11 @@ def create_model_for(
     """`create_model` sized to a data set: its number of classes, and its image channels where
     the constructor takes ``in_channels`` (the zoo's models); `model_args` take precedence.
 
-    Raises ValueError for a model that takes only 3-channel images when the data have another
-    number of channels.
+    Raises ValueError for an unknown model, or one that takes only 3-channel images when the
+    data have another number of channels.
     """
+    if name not in _REGISTRY and name not in _torchvision_names():
+        raise _unknown_model(name)
     kwargs = {"num_classes": num_classes, **(model_args or {})}
     if accepts(name, "in_channels"):
         kwargs.setdefault("in_channels", in_channels)

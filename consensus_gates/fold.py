@@ -1,0 +1,225 @@
+"""Part of step 6: fold what a fully closed channel gate turns into constants.
+
+A middle or before gate with every channel closed feeds zeros to the layers after it. All
+that is computed from those zeros alone (the constant region) no longer depends on the
+input's values, only, at most, on its size: a conv's bias, an SE's scale. The region is
+replaced at its boundary by constants, reduced to the dims they vary along (one value per
+channel, as a rule), so the slim model stays exact at every input size and its buffers have
+the same shapes whatever the weights, which `load` relies on.
+
+Which dims a value varies along is decided on a copy with random weights, at two input
+sizes: trained weights may make a value uniform by accident (a zero bias) and a rebuilt
+model would then disagree about the buffer's shape.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .tracing import is_inplace
+
+BROADCASTING = {
+    operator.add, operator.sub, operator.mul, operator.truediv,
+    torch.add, torch.sub, torch.mul, torch.div,
+}  # fmt: skip
+BROADCASTING_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"}
+
+
+
+def fold_closed_points(work: fx.GraphModule, zeros: list[fx.Node], inputs: tuple[Tensor, ...]):
+    """Replace what `zeros` (``point * 0``, a fully closed channel gate) determine by
+    constants."""
+    graph = work.graph
+    region = _constant_region(graph, zeros)
+    probes = _probes(work, graph, region, inputs)
+    values = _capture(work, graph, region, probes[0][0])
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    live = _live_outside(graph, region)
+    foldable = {n for n in region if _uniform_dims(n, probes) is not None}
+    while True:  # a boundary value that cannot be given its full shape is computed instead
+        boundary = [n for n in graph.nodes if n in foldable and _readers(n, foldable)]
+        refs = {n: _size_reference(n, _readers(n, foldable), probes, live, order)
+                for n in boundary}  # fmt: skip
+        stuck = {n for n, ref in refs.items() if ref is False}
+        if not stuck:
+            break
+        foldable -= stuck
+    for i, n in enumerate(boundary):
+        value = values[n][0]
+        for d in _uniform_dims(n, probes):
+            value = value.narrow(d, 0, 1)
+        readers = _readers(n, foldable)
+        _replace(work, n, readers, value.contiguous().clone(), refs[n], f"cg_const_{i}")
+    _erase_unused(graph, region)
+
+
+def _constant_region(graph: fx.Graph, zeros: list[fx.Node]) -> set[fx.Node]:
+    """`zeros` and every node computed from them and from parameters only."""
+    region, data = set(zeros), set()
+    for n in graph.nodes:
+        if n in region or n.op == "output":
+            continue
+        inputs = n.all_input_nodes
+        if n.op == "placeholder" or any(a in data for a in inputs):
+            data.add(n)
+        elif any(a in region for a in inputs):
+            region.add(n)
+    return region
+
+
+Probe = tuple[tuple[Tensor, ...], dict[fx.Node, tuple[Tensor | None, tuple | None]]]
+
+
+def _probes(work: fx.GraphModule, graph: fx.Graph, region: set[fx.Node], inputs) -> list[Probe]:
+    """The region's values on a copy with random weights (so that no value is uniform by the
+    accident of its weights, e.g. a zero bias), at batch 2 and the example size, and at batch
+    3 and a larger size where the model takes one."""
+    twin = copy.deepcopy(work)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in [*twin.named_parameters(), *twin.named_buffers()]:
+            if t.is_floating_point():  # weights in [-0.5, 0.5), buffers (variances) positive
+                fresh = torch.rand(t.shape, generator=g, dtype=torch.float64)
+                is_param = name in dict(twin.named_parameters())
+                t.copy_((fresh - 0.5 if is_param else fresh + 0.5).to(t.dtype))
+    first = _sized(inputs, 2, set())
+    probes = [(first, _capture(twin, graph, region, first))]
+    ndim = inputs[0].dim()
+    larger = ([set(range(2, ndim))] if ndim > 2 else []) + ([{1}] if ndim == 3 else [])
+    for grow in larger:
+        second = _sized(inputs, 3, grow)
+        try:
+            return [*probes, (second, _capture(twin, graph, region, second))]
+        except Exception:  # noqa: BLE001 - the model takes one size only: try the next
+            continue
+    second = _sized(inputs, 3, set())
+    return [*probes, (second, _capture(twin, graph, region, second))]
+
+
+def _sized(inputs: tuple[Tensor, ...], batch: int, grow: set[int]) -> tuple[Tensor, ...]:
+    out = []
+    for t in inputs:
+        shape = [batch] + [s + 2 * max(1, s // 4) if d in grow else s
+                           for d, s in enumerate(t.shape) if d > 0]  # fmt: skip
+        make = torch.randn if t.is_floating_point() else torch.zeros
+        out.append(make(shape, dtype=t.dtype, device=t.device))
+    return tuple(out)
+
+
+class _Capture(fx.Interpreter):
+    def __init__(self, module: nn.Module, graph: fx.Graph, keep: set[fx.Node]):
+        super().__init__(module, graph=graph)
+        self.keep: set[fx.Node] = keep
+        self.seen: dict[fx.Node, tuple[Tensor | None, tuple | None]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, Tensor):
+            self.seen[n] = (out.detach().clone() if n in self.keep else None, tuple(out.shape))
+        return out
+
+
+def _capture(module: nn.Module, graph: fx.Graph, region: set[fx.Node], inputs) -> dict:
+    """Each region node's value, and every tensor node's shape, on `inputs` in eval mode."""
+    was_training = module.training
+    try:
+        with torch.no_grad():
+            c = _Capture(module.eval(), graph, region)
+            c.run(*inputs)
+    finally:
+        module.train(was_training)
+    return {n: c.seen.get(n, (None, None)) for n in graph.nodes}
+
+
+def _uniform_dims(n: fx.Node, probes: list[Probe]) -> list[int] | None:
+    """The dims along which `n`'s value is uniform at every probe, if what is left is the
+    same at every probe: then one small constant stands for `n` at every size."""
+    values = [seen[n][0] for _, seen in probes]
+    if any(v is None for v in values):
+        return None
+    dims = [d for d in range(values[0].dim()) if all(_uniform(v, d) for v in values)]
+    left = []
+    for v in values:
+        for d in dims:
+            v = v.narrow(d, 0, 1)
+        left.append(v)
+    if any(v.shape != left[0].shape or not torch.equal(v, left[0]) for v in left[1:]):
+        return None
+    return dims
+
+
+def _uniform(t: Tensor, d: int) -> bool:
+    return d < t.dim() and (t.shape[d] == 1 or torch.equal(t.narrow(d, 0, 1).expand_as(t), t))
+
+
+def _readers(n: fx.Node, foldable: set[fx.Node]) -> list[fx.Node]:
+    """The nodes outside the folded part that read `n`."""
+    return [u for u in n.users if u not in foldable]
+
+
+def _live_outside(graph: fx.Graph, region: set[fx.Node]) -> set[fx.Node]:
+    """Nodes outside `region` that stay computed once the region is folded."""
+    live, stack = set(), [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        n = stack.pop()
+        if n in live or n in region:
+            continue
+        live.add(n)
+        stack.extend(n.all_input_nodes)
+    return live
+
+
+def _size_reference(n, readers, probes, live, order) -> fx.Node | None | bool:
+    """None where every reader broadcasts a small constant to the full shape itself; else a
+    live node, computed before the first reader, of `n`'s shape at every probe, to expand
+    the constant to; False if there is none."""
+    if all(_broadcasts(u, n, probes) for u in readers):
+        return None
+    first = min(order[u] for u in readers)
+    for m in sorted(live, key=order.__getitem__):
+        if order[m] < first and all(seen[m][1] == seen[n][1] for _, seen in probes):
+            return m
+    return False
+
+
+def _broadcasts(user: fx.Node, n: fx.Node, probes: list[Probe]) -> bool:
+    """An elementwise op whose other operand already has the result's full shape."""
+    elementwise = (user.op == "call_function" and user.target in BROADCASTING) or (
+        user.op == "call_method" and user.target in BROADCASTING_METHODS
+    )
+    others = [a for a in user.args[:2] if isinstance(a, fx.Node) and a is not n]
+    return elementwise and any(
+        all(seen[a][1] == seen[user][1] for _, seen in probes) for a in others
+    )
+
+
+def _replace(work: fx.GraphModule, n: fx.Node, readers: list[fx.Node], value: Tensor,
+             ref: fx.Node | None, name: str) -> None:  # fmt: skip
+    """`readers` read the constant `value` instead of `n` (expanded to `ref`'s size)."""
+    while hasattr(work, name):
+        name += "_"
+    work.register_buffer(name, value)
+    graph = work.graph
+    order = {m: i for i, m in enumerate(graph.nodes)}
+    with graph.inserting_before(min(readers, key=order.__getitem__)):
+        const = graph.get_attr(name)
+        if ref is not None:
+            const = graph.call_method("expand", (const, graph.call_method("size", (ref,))))
+    for user in readers:
+        user.replace_input_with(n, const)
+        if is_inplace(user) and user.args[0] is const:  # never update a constant in place
+            user.target = user.target[:-1]
+
+
+def _erase_unused(graph: fx.Graph, region: set[fx.Node]) -> None:
+    """Region nodes nothing reads any more, in-place ones included (they only update the
+    region's own values)."""
+    for n in reversed(list(graph.nodes)):
+        if n in region and not n.users:
+            graph.erase_node(n)
