@@ -261,13 +261,14 @@ def measure(
 def load_for_bench(
     ref: str | os.PathLike, model_args: Mapping[str, Any] | None = None
 ) -> nn.Module:
-    """A model to time: a ``.pt2`` file (torch.export), a ``.safetensors`` file written by
-    `consensus_gates.save`, or a zoo / torchvision name (`create_model`)."""
+    """A model to time: a ``.pt2`` file (torch.export; refused if it holds pickles or code,
+    see `consensus_gates.pt2`), a ``.safetensors`` file written by `consensus_gates.save`, or
+    a zoo / torchvision name (`create_model`)."""
     path = Path(ref)
     if path.suffix == ".pt2":
-        if not path.is_file():
-            raise FileNotFoundError(f"no such file: {path}")
-        return torch.export.load(str(path)).module()
+        from .pt2 import load_program
+
+        return load_program(path).module()
     if path.suffix == ".safetensors" or path.is_file():
         from .saving import load
 

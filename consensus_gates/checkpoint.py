@@ -18,6 +18,7 @@ from torch import nn
 from .errors import ModelFileError
 from .insert import unwrap
 from .saving import atomic_path, model_spec, rebuild
+from .spec import parse_spec
 
 FORMAT = "consensus-gates-checkpoint"
 VERSION = 1
@@ -57,11 +58,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is a torch file but not a consensus-gates training checkpoint "
             "(written by `cgates train` or consensus_gates.train)"
         )
-    if payload.get("version", 0) > VERSION:
+    version = payload.get("version")
+    if type(version) is not int or version < 1:
+        raise ModelFileError(f"{path} has no valid checkpoint version ({version!r})")
+    if version > VERSION:
         raise ModelFileError(
-            f"{path} is checkpoint version {payload['version']}; this consensus-gates reads up "
+            f"{path} is checkpoint version {version}; this consensus-gates reads up "
             f"to {VERSION}: upgrade consensus-gates"
         )
+    missing = [k for k in ("spec", "model") if k not in payload]
+    if missing or not isinstance(payload["spec"], str) or not isinstance(payload["model"], dict):
+        raise ModelFileError(
+            f"{path} is an incomplete checkpoint: it needs a model spec (JSON text) and the "
+            f"model's weights{f'; missing {missing}' if missing else ''}"
+        )
+    parse_spec(payload["spec"], str(path))
     return payload
 
 
@@ -77,7 +88,7 @@ def model_from_checkpoint(
     what = "the checkpoint"
     if not isinstance(checkpoint, dict):
         what, checkpoint = str(checkpoint), load_checkpoint(checkpoint)
-    rebuilt = rebuild(json.loads(checkpoint["spec"]), model, what=what)
+    rebuilt = rebuild(parse_spec(checkpoint["spec"], what), model, what=what)
     try:
         rebuilt.load_state_dict(checkpoint["model"])
     except RuntimeError as e:

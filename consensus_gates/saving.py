@@ -19,13 +19,20 @@ from torch import Tensor, nn
 from .config import GateConfig
 from .consensus import normalize_decision
 from .errors import ModelFileError
+from .gates import LayerGate
 from .insert import META_KEY, GatedModel, insert_gates, unwrap
 from .models.registry import SOURCE_ATTR, create_model
+from .spec import (
+    FORMAT,
+    MAX_BATCH,
+    MAX_PARAMETERS,
+    VERSION,
+    architecture_source,
+    parse_spec,
+    validate_spec,
+)
 from .surgery import materialize
 from .tracing import as_input_tuple
-
-FORMAT = "consensus-gates"
-VERSION = 1
 
 
 @contextlib.contextmanager
@@ -50,9 +57,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
+    """How `load` rebuilds `model`: source model, example input shapes, config, decisions."""
     meta = getattr(model, "meta", None)
     if isinstance(meta, dict) and META_KEY in meta:
         spec = {k: v for k, v in meta[META_KEY].items() if k != "rejected"}
+        # `load` traces the model on these shapes again; it needs no larger batch
+        spec["inputs"] = [
+            {**s, "shape": [min(s["shape"][0], MAX_BATCH), *s["shape"][1:]]}
+            for s in spec["inputs"]
+        ]
         if isinstance(model, GatedModel):
             spec["fixed"] = {n: g.fixed for n, g in model.gates.items() if g.fixed is not None}
     elif hasattr(model, SOURCE_ATTR):
@@ -68,6 +81,7 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
         "format": FORMAT,
         "version": VERSION,
         **spec,
+        "source": architecture_source(spec["source"]),
         "dtype": str(floating[0]).removeprefix("torch.") if floating else None,
     }
 
@@ -77,6 +91,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
     The weights go in as tensors; the header holds a JSON spec (source model name and
     kwargs, input shapes, `GateConfig`, decisions) from which `load` rebuilds the module.
+    Pretrained-weight kwargs (``weights=...``) are not written: the file holds the weights.
     The file is written atomically.
     """
     model = unwrap(model)
@@ -88,12 +103,13 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             f"the model's constructor arguments are not JSON-serializable ({e}); pass only "
             "numbers, strings, booleans, lists and dicts to create_model()"
         ) from e
+    parse_spec(header, "the model to save")  # never write a file that load() refuses
     with atomic_path(path) as tmp:
         save_model(model, str(tmp), metadata={META_KEY: header})
 
 
 def read_spec(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON spec in a file written by `save`."""
+    """The JSON spec in a file written by `save`, validated (`spec.validate_spec`)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such file: {path}")
     try:
@@ -108,21 +124,7 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is a safetensors file but not one written by consensus_gates.save() "
             "(its header has no model spec)"
         )
-    try:
-        spec = json.loads(metadata[META_KEY])
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{path} has a corrupt model spec in its header ({e})") from e
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise ModelFileError(f"{path} has a header spec of another format, not {FORMAT!r}")
-    version = spec.get("version")
-    if not isinstance(version, int):
-        raise ModelFileError(f"{path} has a model spec without a valid version ({version!r})")
-    if version > VERSION:
-        raise ModelFileError(
-            f"{path} has spec version {version}; this consensus-gates reads up to {VERSION}: "
-            "upgrade consensus-gates"
-        )
-    return spec
+    return parse_spec(metadata[META_KEY], str(path))
 
 
 def rebuild(
@@ -130,39 +132,116 @@ def rebuild(
 ) -> nn.Module:
     """The architecture a spec describes, with fresh weights: `create_model` (or `model`, an
     instance of the original architecture), then `insert_gates` and `materialize` as
-    recorded."""
-    source = spec.get("source")
+    recorded. The spec is validated first; anything it gets wrong is a ModelFileError."""
+    validate_spec(spec, what)
+    if spec["kind"] == "plain":
+        return _source_model(spec, model, what)
+    gated = rebuild_gated(spec, model, what)
+    decisions = decisions_of(spec, gated, what)
+    if spec["kind"] == "slim":
+        return _file_step(what, "materialize its decisions", materialize, gated, decisions)
+    for name, d in decisions.items():
+        gated.gates[name].fixed = d
+    return gated
+
+
+def rebuild_gated(
+    spec: dict[str, Any], model: nn.Module | None = None, what: str = "the file"
+) -> GatedModel:
+    """The gated model of a gated or slim spec (for a slim one: before the cut), with fresh
+    weights and no decisions fixed."""
+    validate_spec(spec, what)
+    if spec["kind"] == "plain":
+        raise ModelFileError(f"{what} holds a plain model, without gates")
+    net = _source_model(spec, model, what)
+    inputs = tuple(
+        torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec["inputs"]
+    )
+    config = _file_step(what, "build its GateConfig", GateConfig.from_dict, spec["config"])
+    return _file_step(
+        what, "insert its gates", insert_gates, net, inputs, config,
+        leaf_modules=spec["leaf_modules"],
+    )  # fmt: skip
+
+
+def _source_model(spec: dict[str, Any], model: nn.Module | None, what: str) -> nn.Module:
+    source = spec["source"]
     if model is None:
         if not source:
             raise ModelFileError(
                 f"{what} was saved from a model that is not in the registry; pass an instance "
                 "of its architecture, e.g. load(path, model=MyNet(...))"
             )
-        model = create_model(source["name"], **source["kwargs"])
+        model = _create(source, what)
     if spec["dtype"]:
         model = model.to(getattr(torch, spec["dtype"]))
-    if spec["kind"] == "plain":
-        return model
-    inputs = tuple(
-        torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec["inputs"]
-    )
-    config = GateConfig.from_dict(spec["config"])
-    gated = insert_gates(model, inputs, config, leaf_modules=spec["leaf_modules"])
-    if spec["kind"] == "slim":
-        return materialize(gated, spec["decisions"])
-    for name, d in spec.get("fixed", {}).items():
-        gated.gates[name].fixed = normalize_decision(gated.gates[name], d)
-    return gated
+    return model
+
+
+def _create(source: dict[str, Any], what: str) -> nn.Module:
+    """`create_model` as the spec asks, refusing a model too large to be real first."""
+    name, kwargs = source["name"], source["kwargs"]
+    try:  # on the meta device nothing is allocated; some user constructors need real tensors
+        with torch.device("meta"):
+            size = sum(t.numel() for t in create_model(name, **kwargs).state_dict().values())
+    except Exception:  # noqa: BLE001 - the real build below reports what is wrong
+        size = 0
+    if size > MAX_PARAMETERS:
+        raise ModelFileError(
+            f"{what} asks for a {name} of {size:,} parameters and buffers (kwargs "
+            f"{kwargs}); a spec may ask for at most {MAX_PARAMETERS:,}"
+        )
+    return _file_step(what, f"build its source model {name!r}", create_model, name, **kwargs)
+
+
+def _file_step(what: str, step: str, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, where any failure comes from what the file asked for."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # constructors and tracing raise many kinds on bad arguments
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ModelFileError(
+            f"{what} has a spec that does not rebuild: could not {step} "
+            f"({type(e).__name__}: {reason[:400]})"
+        ) from e
+
+
+def decisions_of(
+    spec: dict[str, Any], gated: GatedModel, what: str = "the file"
+) -> dict[str, bool | tuple[bool, ...]]:
+    """A slim spec's ``decisions`` (one for every gate) or a gated spec's pinned ``fixed``
+    ones, checked against the gates of `gated` (`rebuild_gated(spec)`)."""
+    field = "decisions" if spec["kind"] == "slim" else "fixed"
+    given, gates = spec.get(field, {}), gated.gates
+    unknown = sorted(set(given) - set(gates))
+    missing = sorted(set(gates) - set(given)) if field == "decisions" else []
+    if unknown or missing:
+        raise ModelFileError(
+            f"{what} has an invalid model spec: {field} "
+            + (f"names gates the model does not have: {unknown}; " if unknown else "")
+            + (f"lacks gates: {missing}; " if missing else "")
+            + f"its gates are {list(gates)}"
+        )
+    out = {}
+    for name, d in given.items():
+        if isinstance(gates[name], LayerGate) and type(d) is not bool:
+            raise ModelFileError(
+                f"{what} has an invalid model spec: {field}.{name} must be true or false "
+                f"(a layer gate), got {d!r:.80}"
+            )
+        out[name] = _file_step(what, f"read {field}.{name}", normalize_decision, gates[name], d)
+    return out
 
 
 def load(
     path: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
-    """Rebuild a model saved by `save`, without unpickling anything.
+    """Rebuild a model saved by `save`, without unpickling anything or downloading.
 
-    The architecture is replayed from the spec: `create_model` (or the `model` you pass, an
-    instance of the original architecture, for models outside the registry), then
-    `insert_gates` and `materialize` as recorded. Then the weights are loaded strictly.
+    The spec is validated (`consensus_gates.spec`), then the architecture is replayed from
+    it: `create_model` (or the `model` you pass, an instance of the original architecture,
+    for models outside the registry), then `insert_gates` and `materialize` as recorded.
+    Then the weights are loaded strictly.
     """
     spec = read_spec(path)
     model = rebuild(spec, model, what=str(path))

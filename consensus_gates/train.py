@@ -38,6 +38,7 @@ from .insert import GatedModel, unwrap
 from .losses import gate_losses
 from .plots import plot_curves, plot_gates
 from .saving import atomic_path, model_spec
+from .spec import parse_spec
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -251,7 +252,7 @@ def check_resume(
     those it was trained with: only `epochs` may differ. Raises ValueError listing every
     difference, FileNotFoundError or ModelFileError for a missing or unreadable checkpoint."""
     ckpt = load_checkpoint(Path(out_dir) / CHECKPOINT)
-    changed = _changed(_model_identity(json.loads(ckpt["spec"])),
+    changed = _changed(_model_identity(parse_spec(ckpt["spec"], str(out_dir))),
                        _model_identity(model_spec(unwrap(model))))  # fmt: skip
     saved = json.loads(ckpt.get("identity", "null"))
     if saved is not None and identity is not None:

@@ -11,7 +11,8 @@ import click
 import torch
 
 from ..bench import BenchConfig, compare, ratios
-from ..saving import read_spec, save
+from ..pt2 import load_program
+from ..saving import load, read_spec, save
 from ..surgery import materialize
 from .app import main, model_arg_option, parse_model_args, parse_shape
 from .slim import load_gated
@@ -40,12 +41,16 @@ def _expand(models: tuple[str, ...], tmp: Path) -> tuple[dict[str, str], tuple[i
             for kind, model in (("gated", gated), ("slim", materialize(gated))):
                 refs[f"{path.stem} ({kind})"] = str(tmp / f"{len(refs)}-{kind}.safetensors")
                 save(model, refs[f"{path.stem} ({kind})"])
+        elif path.suffix == ".pt2":
+            load_program(path)  # a pickled or corrupt archive is refused here, in one line
+            refs[path.name] = ref
+        elif path.suffix == ".safetensors" or path.is_file():
+            load(path)  # as the workers will, so that a malformed file fails here
+            inputs = read_spec(path).get("inputs")
+            shape = shape or (tuple(inputs[0]["shape"][1:]) if inputs else None)
+            refs[path.name] = ref
         else:
-            if path.suffix == ".safetensors":
-                spec = read_spec(path)
-                if spec.get("inputs"):
-                    shape = shape or tuple(spec["inputs"][0]["shape"][1:])
-            refs[path.name if path.is_file() else ref] = ref
+            refs[ref] = ref
     return refs, shape
 
 

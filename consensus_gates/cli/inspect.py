@@ -8,37 +8,61 @@ from typing import Any
 
 import click
 import torch
+from torch import Tensor
 
+from ..checkpoint import model_from_checkpoint
 from ..consensus import consensus
 from ..cost import branch_costs, flops
-from ..insert import GatedModel, insert_gates
+from ..errors import ModelFileError
+from ..insert import GatedModel, example_inputs_of, insert_gates
 from ..models import CifarResNet, create_model
-from ..saving import load, read_spec
+from ..saving import decisions_of, load, read_spec, rebuild_gated
 from ..surgery import materialize
 from .app import main, model_arg_option, parse_model_args, parse_shape
 
+Decisions = dict[str, Any]
 
-def _build(model_or_file: str, model_args: dict[str, Any], shape: str | None):
-    """The gated model to inspect, the decisions to show (None for none) and one input."""
-    decisions = None
-    if Path(model_or_file).is_file():
-        spec = read_spec(model_or_file)
-        if spec["kind"] == "slim" and spec.get("source"):  # rebuild the full model: what was cut
-            model = create_model(spec["source"]["name"], **spec["source"]["kwargs"])
-            decisions = spec["decisions"]
-        else:
-            model = load(model_or_file)
-        if spec["kind"] != "plain" and shape is None:
-            shape = ",".join(map(str, spec["inputs"][0]["shape"][1:]))
+
+def _read(path: Path) -> tuple[torch.nn.Module, Decisions | None]:
+    """The model in a file we wrote, and the decisions to show: a slim file's, or the
+    consensus of a gated model (a gated .safetensors or a trainer checkpoint)."""
+    if path.suffix == ".pt2":
+        raise ModelFileError(
+            f"{path} is a torch.export program, which keeps no residual blocks or gates to "
+            "show; inspect the .safetensors file written beside it"
+        )
+    if path.suffix == ".pt":
+        model = model_from_checkpoint(path)
     else:
-        model = create_model(model_or_file, **model_args)
-    if shape is None:
+        spec = read_spec(path)
+        if spec["kind"] == "slim":  # the gated model it was cut from shows what was cut
+            gated = rebuild_gated(spec, what=str(path))
+            return gated, decisions_of(spec, gated, str(path))
+        model = load(path)
+    return model, (consensus(model).decisions if isinstance(model, GatedModel) else None)
+
+
+def _build(
+    model_or_file: str, model_args: dict[str, Any], shape: str | None
+) -> tuple[GatedModel, Decisions | None, tuple[Tensor, ...]]:
+    """The gated model to inspect, the decisions to show (None for none) and its inputs."""
+    path = Path(model_or_file)
+    if path.is_file() or path.suffix in (".pt", ".pt2", ".safetensors"):
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        model, decisions = _read(path)
+    else:
+        model, decisions = create_model(model_or_file, **model_args), None
+    if shape is not None:
+        x = (torch.randn(1, *parse_shape(shape)),)
+    elif isinstance(model, GatedModel):
+        x = example_inputs_of(model)
+    else:
         cifar = isinstance(model, CifarResNet)
-        shape = f"{model.conv1.in_channels},32,32" if cifar else "3,224,224"
-    x = torch.randn(1, *parse_shape(shape))
+        x = (torch.randn(1, *((model.conv1.in_channels, 32, 32) if cifar else (3, 224, 224))),)
     if isinstance(model, GatedModel):
-        return model, consensus(model).decisions, x
-    return insert_gates(model, x.expand(2, *x.shape[1:])), decisions, x
+        return model, decisions, x
+    return insert_gates(model, tuple(t.expand(2, *t.shape[1:]) for t in x)), decisions, x
 
 
 @main.command()
@@ -56,8 +80,8 @@ def inspect(
 ) -> None:
     """Show the residual blocks of a model: gates, per-block FLOPs and parameters.
 
-    MODEL_OR_FILE is a zoo or torchvision name, or a file written by `save` (a saved slim
-    model shows which blocks were kept).
+    MODEL_OR_FILE is a zoo or torchvision name, a file written by `save` (plain, gated or
+    slim; a slim model shows what was kept) or a trainer checkpoint.pt (its consensus).
 
     \b
     Examples:
@@ -65,18 +89,31 @@ def inspect(
       cgates inspect resnet50 --input-shape 3,224,224
       cgates inspect resnet20 --model-arg in_channels=1 --input-shape 1,28,28
       cgates inspect runs/quickstart/slim.safetensors
+      cgates inspect runs/train/checkpoint.pt
     """
     try:
         gated, decisions, x = _build(model_or_file, parse_model_args(model_args), input_shape)
+        report = _report(model_or_file, gated, decisions, x)
     except (ValueError, TypeError, OSError) as e:
         raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_table(report)
+
+
+def _report(
+    name: str, gated: GatedModel, decisions: Decisions | None, x: tuple[Tensor, ...]
+) -> dict[str, Any]:
     costs = branch_costs(gated, x)
     total = flops(materialize(gated, dict.fromkeys(gated.gates, True)), x)
+    ungated = flops(materialize(gated, dict.fromkeys(gated.gates, False)), x)
     report = {
-        "model": model_or_file,
-        "input_shape": list(x.shape[1:]),
+        "model": name,
+        "input_shape": list(x[0].shape[1:]),
         "flops": total.flops,
         "params": total.params,
+        "gated_flops": total.flops - ungated.flops,  # what closing every gate would remove
         "blocks": [
             {"name": n, "flops": c.flops, "params": c.params}
             | ({"open": decisions[n]} if decisions else {})
@@ -84,32 +121,43 @@ def inspect(
         ],
         "refused": gated.spec["rejected"],
     }
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        _print_table(report)
+    if decisions:
+        kept = flops(materialize(gated, decisions), x)
+        report["kept"] = {"flops": kept.flops, "params": kept.params}
+    return report
+
+
+def _kept(decision: bool | tuple[bool, ...]) -> str:
+    if isinstance(decision, bool):
+        return "yes" if decision else "no"
+    return f"{sum(decision)}/{len(decision)}"
 
 
 def _print_table(r: dict[str, Any]) -> None:
-    has_decision = any("open" in b for b in r["blocks"])
+    blocks = r["blocks"]
+    n_blocks = len({b["name"].split("/")[0] for b in blocks})
+    gates = f", {len(blocks)} gates" if len(blocks) != n_blocks else ""
     click.echo(
         f"{r['model']}: input {tuple(r['input_shape'])}, {r['flops'] / 1e6:,.2f} MFLOPs, "
-        f"{r['params']:,} parameters, {len(r['blocks'])} residual blocks"
+        f"{r['params']:,} parameters, {n_blocks} residual blocks{gates}"
     )
-    head = f"{'block':<48}{'MFLOPs':>10}{'% FLOPs':>9}{'params':>12}"
-    click.echo(head + (f"{'kept':>6}" if has_decision else ""))
-    for b in r["blocks"]:
+    head = f"{'gate':<48}{'MFLOPs':>10}{'% FLOPs':>9}{'params':>12}"
+    click.echo(head + ("    kept" if "kept" in r else ""))
+    for b in blocks:
         share = 100 * b["flops"] / r["flops"]
         row = f"{b['name']:<48}{b['flops'] / 1e6:>10.2f}{share:>8.1f}%{b['params']:>12,}"
-        click.echo(row + (f"{'yes' if b['open'] else 'no':>6}" if has_decision else ""))
-    gated_share = sum(b["flops"] for b in r["blocks"]) / r["flops"]
-    click.echo(f"residual branches hold {100 * gated_share:.1f}% of the FLOPs")
-    if has_decision:
-        kept = sum(b["flops"] for b in r["blocks"] if b["open"]) + r["flops"] * (1 - gated_share)
-        n_kept = sum(b["open"] for b in r["blocks"])
+        click.echo(row + (f"{_kept(b['open']):>8}" if "open" in b else ""))
+    click.echo(f"residual branches hold {100 * r['gated_flops'] / r['flops']:.1f}% of the FLOPs")
+    if "kept" in r:
+        layer = [b["open"] for b in blocks if isinstance(b["open"], bool)]
+        channel = [b["open"] for b in blocks if not isinstance(b["open"], bool)]
+        parts = [f"{sum(layer)}/{len(layer)} blocks"] if layer else []
+        if channel:
+            parts.append(f"{sum(map(sum, channel))}/{sum(map(len, channel))} channels")
+        kept = r["kept"]
         click.echo(
-            f"kept: {n_kept}/{len(r['blocks'])} blocks, "
-            f"{kept / 1e6:,.2f} MFLOPs ({kept / r['flops']:.3f} of the full model)"
+            f"kept: {', '.join(parts)}, {kept['flops'] / 1e6:,.2f} MFLOPs "
+            f"({kept['flops'] / r['flops']:.3f} of the full model), {kept['params']:,} parameters"
         )
     for refused in r["refused"]:
         click.echo(f"not a block: {refused['node']} in '{refused['module']}': {refused['reason']}")
