@@ -17,18 +17,28 @@ Training: `train` (the one-pass trainer), `data` (data sets and loaders), `check
 """
 
 from .config import GateConfig
-from .consensus import Consensus, consensus, fix_decisions
+from .consensus import Consensus, consensus, fix_decisions, unfix_decisions
 from .cost import Cost, branch_costs, flops, flops_ratio
 from .errors import DataError, InputError, ModelFileError, TracingError, TrainingDiverged
 from .gates import ChannelGate, Gate, LayerGate
 from .insert import GatedModel, insert_gates
-from .losses import activation_loss, polarization_loss
+from .losses import activation_loss, gate_losses, polarization_loss
 from .models import create_model, list_models, register_model
 from .saving import export, load, save
 from .surgery import materialize
-from .train import TrainConfig  # the trainer: `from consensus_gates.train import train`
 
 __version__ = "0.1.0"
+
+# The trainer pulls in tqdm and matplotlib: imported on first use, not with the core.
+_LAZY = {"TrainConfig": "train"}  # the trainer itself: consensus_gates.train.train
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "ChannelGate",
@@ -50,6 +60,7 @@ __all__ = [
     "create_model",
     "export",
     "fix_decisions",
+    "gate_losses",
     "flops",
     "flops_ratio",
     "insert_gates",
@@ -59,4 +70,5 @@ __all__ = [
     "polarization_loss",
     "register_model",
     "save",
+    "unfix_decisions",
 ]

@@ -187,6 +187,12 @@ class _Graph:
             for a in n.all_input_nodes
         )
 
+    def through_identity(self, n: fx.Node) -> fx.Node:
+        """What `n` passes on unchanged: ``nn.Identity()(x)`` is ``x`` (timm's shortcuts)."""
+        while n.op == "call_module" and isinstance(self.modules[n.target], nn.Identity):
+            n = n.args[0]
+        return n
+
     def shortcut_op(self, n: fx.Node) -> bool:
         if n.op == "call_module":
             return isinstance(self.modules[n.target], SHORTCUT_MODULES)
@@ -268,7 +274,7 @@ def _classify(g: _Graph, root: fx.Node, data_ops, sum_nodes):
     for arm in arms:
         if g.escapes(arm, set().union(*arms) | sum_nodes):
             return "a value inside the block is also used outside it", []
-    identity = [i for i, o in enumerate(operands) if o is start]
+    identity = [i for i, o in enumerate(operands) if g.through_identity(o) is start]
     if len(operands) > 2 and len(identity) != 1:
         return (
             f"a sum of {len(operands)} parallel branches without a bare identity (RepVGG-style)",
@@ -339,6 +345,16 @@ CHANNELWISE_FUNCTIONS = {
     torch.sigmoid, F.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.mish, F.dropout,
 }  # fmt: skip
 CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+# Ops after which a zeroed channel is still zero (not BN, sigmoid or a conv with a bias).
+ZERO_KEEPING_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish,
+    nn.Hardtanh, nn.Identity, nn.Flatten, nn.modules.dropout._DropoutNd, *POOL_MODULES,
+)  # fmt: skip
+ZERO_KEEPING_FUNCTIONS = POOL_FUNCTIONS | {
+    F.relu, torch.relu, F.relu6, F.hardtanh, F.gelu, F.silu, F.hardswish, torch.tanh,
+    F.leaky_relu, F.elu, F.mish, F.dropout, torch.flatten,
+}  # fmt: skip
+ZERO_KEEPING_METHODS = {"relu", "relu_", "tanh", "flatten"}
 
 
 @dataclass(frozen=True)
@@ -410,18 +426,38 @@ class _ChannelFacts(_Graph):
             n = self.idom.get(n)
         return False
 
-    def consumes_cleanly(self, point: fx.Node, user: fx.Node) -> bool:
-        """Cutting a channel of `point` is exact for `user`: a dense layer or pooling reads it,
-        or an elementwise product with a value computed from `point` alone (an SE scale)."""
-        m = self.module(user)
+    def dense_readers(self, node: fx.Node, point: fx.Node, inside: frozenset[fx.Node]):
+        """The dense layers inside the branch that read `node`'s channels (masked at `point`),
+        followed through ops that keep a zeroed channel zero; None if a channel reaches
+        anything else (a norm, the merge), where cutting it would not equal zeroing it."""
+        if not node.users:
+            return None
+        found = []
+        for user in node.users:
+            if user not in inside:
+                return None
+            if is_dense_layer(self.module(user)):
+                found.append(user)
+                continue
+            further = self.keeps_zero(user, node, point) and self.dense_readers(user, point, inside)
+            if not further:
+                return None
+            found += further
+        return found
+
+    def keeps_zero(self, n: fx.Node, via: fx.Node, point: fx.Node) -> bool:
+        """A zero channel of `via` stays zero in `n`: an activation with f(0) = 0, pooling,
+        flatten, or a product with a value computed from `point` (an SE scale)."""
+        m = self.module(n)
         if m is not None:
-            return is_dense_layer(m) or isinstance(m, POOL_MODULES)
-        if user.op == "call_function" and user.target in POOL_FUNCTIONS:
-            return True
-        factors = [a for a in user.args if a is not point]
-        return (
-            user.op == "call_function"
-            and user.target in (operator.mul, torch.mul)
+            return isinstance(m, ZERO_KEEPING_MODULES) or (_is_depthwise(m) and m.bias is None)
+        if n.op == "call_method":
+            return n.target in ZERO_KEEPING_METHODS
+        if n.op != "call_function":
+            return False
+        factors = [a for a in n.args if a is not via]
+        return n.target in ZERO_KEEPING_FUNCTIONS or (
+            n.target in (operator.mul, torch.mul)
             and all(isinstance(a, fx.Node) and a in self.data and self.dominates(point, a)
                     for a in factors)
         )  # fmt: skip
@@ -463,14 +499,12 @@ def find_channel_points(
                 if not is_dense_layer(g.module(node)):
                     continue
                 end = g.chain_end(node, b.nodes)
-                users = tuple(end.users)
-                if end is b.output or not users or not all(u in b.nodes for u in users):
-                    continue
-                if all(g.consumes_cleanly(end, u) for u in users):
+                readers = None if end is b.output else g.dense_readers(end, end, b.nodes)
+                if readers:
                     dim = g.channel_dim(node, len(end.meta["cg_shape"]))
                     name = f"{b.name}/{_relative(node.target, b.name)}"
-                    groups = g.groups(node, *users)
-                    points.append(ChannelPoint(name, end, end, users, dim, groups))
+                    groups = g.groups(node, *readers)
+                    points.append(ChannelPoint(name, end, end, tuple(end.users), dim, groups))
         elif position == "after":
             chain = producer_chain(b.output, g.modules)
             if chain is not None and set(chain) <= b.nodes:

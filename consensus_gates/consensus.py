@@ -75,11 +75,12 @@ def normalize_decision(gate: Gate, value: Any) -> bool | tuple[bool, ...]:
     (a single bool applies to every unit).
 
     A decision is a bool or 0/1: a Python bool or int, a numpy or torch bool or integer
-    scalar, and, for a channel gate, a sequence or 1-d array of them of the gate's length.
+    scalar, or a sequence or 1-d array of them of the gate's length (one for a layer gate).
     Anything else (strings, floats, other numbers) raises a ValueError naming the gate.
     """
-    if isinstance(gate, LayerGate):
-        flag = _flag(value)
+    if isinstance(gate, LayerGate):  # one unit: a sequence of one decision says the same
+        items = _items(value)
+        flag = _flag(items[0] if items is not None and len(items) == 1 else value)
         if flag is None:
             raise ValueError(
                 f"gate '{gate.name}' is a layer gate: its decision is one bool (True: open, "
@@ -152,13 +153,17 @@ def resolve_decisions(
     return {name: normalize_decision(g, given.get(name, base[name])) for name, g in gates.items()}
 
 
-def fix_decisions(model: nn.Module, decisions: Mapping[str, bool] | Consensus | None) -> None:
-    """Pin every gate's output: open (1) or closed (0) for all samples. Names not given take
-    the consensus. ``None`` unpins every gate, so they decide per sample again."""
+def fix_decisions(
+    model: nn.Module, decisions: Mapping[str, Any] | Consensus | None = None
+) -> None:
+    """Pin every gate's output: open (1) or closed (0) for all samples. Names left out, or
+    ``None``, take the consensus, as in `materialize`; `unfix_decisions` unpins."""
     gates = require_gated(model).gates
-    if decisions is None:
-        for g in gates.values():
-            g.fixed = None
-        return
     for name, d in resolve_decisions(model, decisions).items():
         gates[name].fixed = d
+
+
+def unfix_decisions(model: nn.Module) -> None:
+    """Unpin every gate, so that each decides per sample again."""
+    for g in require_gated(model).gates.values():
+        g.fixed = None

@@ -8,7 +8,7 @@ import logging
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -24,14 +24,14 @@ with warnings.catch_warnings():  # fvcore's import calls the deprecated torch.ji
     from fvcore.nn import FlopCountAnalysis
 
 
-@dataclass(frozen=True)
-class Cost:
-    """fvcore FLOPs (one multiply-add counts 1, fvcore's convention) and parameters."""
+class Cost(NamedTuple):
+    """fvcore FLOPs (one multiply-add counts 1, fvcore's convention) and parameters; unpacks
+    as ``flops, params = cg.flops(model, x)``, like Torch-Pruning's ``count_ops_and_params``."""
 
     flops: int
     params: int
 
-    def __sub__(self, other: Cost) -> Cost:
+    def __sub__(self, other: Cost) -> Cost:  # type: ignore[override]
         return Cost(self.flops - other.flops, self.params - other.params)
 
     def __str__(self) -> str:

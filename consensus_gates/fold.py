@@ -41,7 +41,7 @@ def fold_closed_points(work: fx.GraphModule, zeros: list[fx.Node], inputs: tuple
     values = _capture(work, graph, region, probes[0][0])
     order = {n: i for i, n in enumerate(graph.nodes)}
     live = _live_outside(graph, region)
-    foldable = {n for n in region if _uniform_dims(n, probes) is not None}
+    foldable = {n for n in region if _foldable(n, probes, values)}
     while True:  # a boundary value that cannot be given its full shape is computed instead
         boundary = [n for n in graph.nodes if n in foldable and _readers(n, foldable)]
         refs = {n: _size_reference(n, _readers(n, foldable), probes, live, order)
@@ -79,15 +79,16 @@ Probe = tuple[tuple[Tensor, ...], dict[fx.Node, tuple[Tensor | None, tuple | Non
 def _probes(work: fx.GraphModule, graph: fx.Graph, region: set[fx.Node], inputs) -> list[Probe]:
     """The region's values on a copy with random weights (so that no value is uniform by the
     accident of its weights, e.g. a zero bias), at batch 2 and the example size, and at batch
-    3 and a larger size where the model takes one."""
+    3 and a larger size where the model takes one. The weights are positive and running
+    means negative, so that the zeros stay positive after norms and a ReLU never zeroes
+    them all by chance."""
     twin = copy.deepcopy(work)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, t in [*twin.named_parameters(), *twin.named_buffers()]:
-            if t.is_floating_point():  # weights in [-0.5, 0.5), buffers (variances) positive
-                fresh = torch.rand(t.shape, generator=g, dtype=torch.float64)
-                is_param = name in dict(twin.named_parameters())
-                t.copy_((fresh - 0.5 if is_param else fresh + 0.5).to(t.dtype))
+            if t.is_floating_point():
+                fresh = torch.rand(t.shape, generator=g, dtype=torch.float64) + 0.5
+                t.copy_((-fresh if name.endswith("running_mean") else fresh).to(t.dtype))
     first = _sized(inputs, 2, set())
     probes = [(first, _capture(twin, graph, region, first))]
     ndim = inputs[0].dim()
@@ -105,7 +106,7 @@ def _probes(work: fx.GraphModule, graph: fx.Graph, region: set[fx.Node], inputs)
 def _sized(inputs: tuple[Tensor, ...], batch: int, grow: set[int]) -> tuple[Tensor, ...]:
     out = []
     for t in inputs:
-        shape = [batch] + [s + 2 * max(1, s // 4) if d in grow else s
+        shape = [batch] + [s + 2 * max(1, s // 4) + 2 * d if d in grow else s
                            for d, s in enumerate(t.shape) if d > 0]  # fmt: skip
         make = torch.randn if t.is_floating_point() else torch.zeros
         out.append(make(shape, dtype=t.dtype, device=t.device))
@@ -154,6 +155,13 @@ def _uniform_dims(n: fx.Node, probes: list[Probe]) -> list[int] | None:
     return dims
 
 
+def _foldable(n: fx.Node, probes: list[Probe], values: dict) -> bool:
+    """Uniform as the random-weight probes say, and so in the real weights' values too (a
+    safeguard: folding then stays exact whatever the probes missed)."""
+    dims = _uniform_dims(n, probes)
+    return dims is not None and all(_uniform(values[n][0], d) for d in dims)
+
+
 def _uniform(t: Tensor, d: int) -> bool:
     return d < t.dim() and (t.shape[d] == 1 or torch.equal(t.narrow(d, 0, 1).expand_as(t), t))
 
@@ -175,17 +183,62 @@ def _live_outside(graph: fx.Graph, region: set[fx.Node]) -> set[fx.Node]:
     return live
 
 
-def _size_reference(n, readers, probes, live, order) -> fx.Node | None | bool:
-    """None where every reader broadcasts a small constant to the full shape itself; else a
-    live node, computed before the first reader, of `n`'s shape at every probe, to expand
-    the constant to; False if there is none."""
+def _size_reference(n, readers, probes, live, order) -> dict[int, tuple] | None | bool:
+    """None where every reader broadcasts a small constant to the full shape itself; else,
+    for each dim the constant is uniform along and `n` is larger than 1, a live node
+    computed before the first reader, and its dim, of that size at every probe (the batch
+    and spatial sizes of a block input, say), to expand the constant with; False if some
+    dim has none."""
     if all(_broadcasts(u, n, probes) for u in readers):
         return None
     first = min(order[u] for u in readers)
-    for m in sorted(live, key=order.__getitem__):
-        if order[m] < first and all(seen[m][1] == seen[n][1] for _, seen in probes):
-            return m
-    return False
+    before = [m for m in sorted(live, key=order.__getitem__) if order[m] < first]
+    later = [m for m in sorted(live, key=order.__getitem__) if order[m] >= first
+             and _late_ancestors(m, first, order, live) is not None]  # fmt: skip
+    candidates = before + later
+    sizes = {}
+    for d in _uniform_dims(n, probes):
+        wanted = [seen[n][1][d] for _, seen in probes]
+        if all(w == 1 for w in wanted):
+            continue
+        found = _dim_of_size(candidates, wanted, d, probes)
+        if found is None:
+            return False
+        sizes[d] = found
+    return sizes
+
+
+def _late_ancestors(m: fx.Node, first: int, order: dict, live: set) -> list[fx.Node] | None:
+    """`m` and what it needs from position `first` on, in order, if they can all move before
+    that position: live, pure nodes (a shortcut conv that the graph computes after the
+    branch); else None."""
+    needed, stack = set(), [m]
+    while stack:
+        n = stack.pop()
+        if n in needed or order[n] < first:
+            continue
+        if n not in live or n.op not in ("call_module", "call_function", "call_method") or (
+            is_inplace(n) or n.is_impure()
+        ):
+            return None
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    return sorted(needed, key=order.__getitem__)
+
+
+def _dim_of_size(candidates, wanted: list[int], prefer: int, probes) -> tuple | None:
+    """A candidate node and a dim of it whose size is `wanted` at every probe, the same dim
+    `prefer` first."""
+    for same_dim in (True, False):
+        for m in candidates:
+            shapes = [seen[m][1] for _, seen in probes]
+            if any(s is None for s in shapes):
+                continue
+            dims = [prefer] if same_dim else range(len(shapes[0]))
+            for e in dims:
+                if all(e < len(s) and s[e] == w for s, w in zip(shapes, wanted, strict=True)):
+                    return m, e
+    return None
 
 
 def _broadcasts(user: fx.Node, n: fx.Node, probes: list[Probe]) -> bool:
@@ -200,17 +253,25 @@ def _broadcasts(user: fx.Node, n: fx.Node, probes: list[Probe]) -> bool:
 
 
 def _replace(work: fx.GraphModule, n: fx.Node, readers: list[fx.Node], value: Tensor,
-             ref: fx.Node | None, name: str) -> None:  # fmt: skip
-    """`readers` read the constant `value` instead of `n` (expanded to `ref`'s size)."""
+             sizes: dict[int, tuple] | None, name: str) -> None:  # fmt: skip
+    """`readers` read the constant `value` instead of `n`, expanded along `sizes`' dims to
+    the sizes of the (node, dim) each names."""
     while hasattr(work, name):
         name += "_"
     work.register_buffer(name, value)
     graph = work.graph
     order = {m: i for i, m in enumerate(graph.nodes)}
-    with graph.inserting_before(min(readers, key=order.__getitem__)):
+    first = min(readers, key=order.__getitem__)
+    live = set(graph.nodes)
+    for ref, _ in (sizes or {}).values():  # computed later in the graph: move it up
+        for m in _late_ancestors(ref, order[first], order, live) or []:
+            first.prepend(m)
+    with graph.inserting_before(first):
         const = graph.get_attr(name)
-        if ref is not None:
-            const = graph.call_method("expand", (const, graph.call_method("size", (ref,))))
+        if sizes:
+            shape = [graph.call_method("size", sizes[d]) if d in sizes else -1
+                     for d in range(value.dim())]  # fmt: skip
+            const = graph.call_method("expand", (const, *shape))
     for user in readers:
         user.replace_input_with(n, const)
         if is_inplace(user) and user.args[0] is const:  # never update a constant in place

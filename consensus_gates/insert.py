@@ -11,7 +11,14 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .blocks import Branch, ChannelPoint, find_blocks, find_channel_points
+from .blocks import (
+    POOL_MODULES,
+    Branch,
+    ChannelPoint,
+    find_blocks,
+    find_channel_points,
+    is_channelwise,
+)
 from .config import GateConfig
 from .gates import ChannelGate, Gate, LayerGate
 from .models.registry import SOURCE_ATTR
@@ -21,7 +28,9 @@ META_KEY = "consensus_gates"
 BRANCH_KEY = "cg_branch_output"
 GATES_ATTR = "gate_modules"
 
-CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+CHANNEL_FIRST = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, *POOL_MODULES,
+)  # fmt: skip
 
 
 class GatedModel(fx.GraphModule):
@@ -102,13 +111,16 @@ def insert_gates(
     for b in branches:
         output = b.output
         b.output.meta[BRANCH_KEY] = b.name  # surgery finds fully closed branches by it
+        # made first: it reads the layout off the branch's first layers, which a "before"
+        # channel gate then reads through its mask
+        layer = _make_gate(gm, b, config) if config.mode != "channel" else None
         for p in points.get(b.name, []):
             gate = _make_channel_gate(p, b.name, config)
             masked = _wire_channel(gm.graph, p, _register(gates, gate))
             if p.point is output:  # an "after" gate: the layer gate scales the masked output
                 output = masked
-        if config.mode != "channel":
-            _wire(gm.graph, b, _register(gates, _make_gate(gm, b, config)), output)
+        if layer is not None:
+            _wire(gm.graph, b, _register(gates, layer), output)
     gm.graph.lint()
     gated = GatedModel(gm, gm.graph, class_name=f"Gated{type(model).__name__}")
 
@@ -129,16 +141,33 @@ def insert_gates(
 
 
 def _feature_dim(gm: fx.GraphModule, b: Branch, ndim: int) -> int | None:
-    """Which dim of the block input holds channels: 1 for conv layouts, last for tokens."""
+    """Which dim of the block input holds channels: 1 for conv layouts, last for tokens, as
+    the branch's first layer reads it (past per-channel ops, and a transpose of the two)."""
     if ndim <= 2:
         return None
     modules = dict(gm.named_modules())
-    first = [u for u in b.input.users if u in b.nodes and u.op == "call_module"]
-    if first and isinstance(modules[first[0].target], CHANNEL_FIRST):
-        return 1
-    if first and isinstance(modules[first[0].target], (nn.Linear, nn.LayerNorm)):
-        return ndim - 1
-    return 1 if ndim >= 4 else ndim - 1
+    node, swapped = b.input, False
+    while True:
+        users = [u for u in node.users if u in b.nodes]
+        first = [modules[u.target] for u in users if u.op == "call_module"]
+        if any(isinstance(m, CHANNEL_FIRST) for m in first):
+            return ndim - 1 if swapped else 1
+        if any(isinstance(m, (nn.Linear, nn.LayerNorm)) for m in first):
+            return 1 if swapped else ndim - 1
+        onward = [u for u in users if is_channelwise(u, modules) or _swaps_channels(u, ndim)]
+        if len(onward) != 1:
+            return 1 if ndim >= 4 else ndim - 1
+        node, swapped = onward[0], swapped != _swaps_channels(onward[0], ndim)
+
+
+def _swaps_channels(n: fx.Node, ndim: int) -> bool:
+    """``x.transpose(1, -1)`` and the like: dim 1 and the last trade places."""
+    dims = n.args[1:] if n.op == "call_method" and n.target == "transpose" else ()
+    return (
+        len(dims) == 2
+        and all(isinstance(d, int) for d in dims)
+        and {d % ndim for d in dims} == {1, ndim - 1}
+    )
 
 
 def _make_gate(gm: fx.GraphModule, b: Branch, config: GateConfig) -> LayerGate:

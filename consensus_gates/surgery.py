@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 import operator
 from collections.abc import Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch import nn
-from torch_pruning import ops as tp_ops
-from torch_pruning.pruner import function as tp_function
 
 from .blocks import producer_chain
 from .consensus import Consensus, resolve_decisions
@@ -26,6 +25,18 @@ from .insert import (
     require_gated,
 )
 from .tracing import eliminate_dead_code, is_inplace
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
+
+
+def pruning() -> ModuleType:
+    """The torch-pruning half of the surgery, imported when channels are first cut: layer
+    surgery, and `import consensus_gates`, do without it."""
+    from . import pruning
+
+    return pruning
+
 
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
 RELU_METHODS = {"relu", "relu_"}
@@ -109,8 +120,8 @@ def _keep_fresh(graph: fx.Graph, merge: fx.Node) -> None:
     if not mutating:
         return
     order = {n: i for i, n in enumerate(graph.nodes)}
-    if len(mutating) == 1 and all(order[u] <= order[mutating[0]] for u in merge.users):
-        _out_of_place(mutating[0], modules)
+    last = all(order[u] <= order[mutating[0]] for u in merge.users)
+    if len(mutating) == 1 and last and _out_of_place(mutating[0], modules):
         return
     with graph.inserting_after(merge):
         fresh = graph.call_function(torch.clone, (merge,))
@@ -133,18 +144,23 @@ def _mutates(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
     )
 
 
-def _out_of_place(n: fx.Node, modules: dict[str, nn.Module]) -> None:
+def _out_of_place(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Make `n`, an op that updates its first argument in place, return a new tensor
+    instead; False if it has no such form (``x.zero_()``)."""
     if n.op == "call_module":  # a copy: the module may be called elsewhere too
         module = copy.copy(modules[n.target])
         module.inplace = False
         n.target = f"{n.target}_out_of_place".replace(".", "_")
         n.graph.owning_module.add_submodule(n.target, module)
     elif n.op == "call_method":
+        if not callable(getattr(torch.Tensor, n.target[:-1], None)):
+            return False
         n.target = n.target[:-1]
     elif n.target in INPLACE_FUNCTIONS:
         n.target = INPLACE_FUNCTIONS[n.target]
     else:
         n.kwargs = {**n.kwargs, "inplace": False}
+    return True
 
 
 def _drop_identities(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
@@ -202,11 +218,11 @@ def _cut_channels(work: fx.GraphModule, decisions: Mapping, inputs) -> None:
         elif gate.position == "after":
             for n in producer_chain(point, modules):
                 if n.op == "call_module":
-                    _prune(modules[n.target], closed, "out")
+                    pruning().prune_channels(modules[n.target], closed, "out")
             _scatter_into_skip(work, masked, point, gate, keep)
         else:
             for user in list(masked.users):
-                _prune(modules[user.target], closed, "in")
+                pruning().prune_channels(modules[user.target], closed, "in")
             kept = _index_buffer(work, gate, keep)
             with graph.inserting_before(masked):
                 selected = graph.call_function(torch.index_select, (point, gate.channel_dim, kept))
@@ -214,48 +230,26 @@ def _cut_channels(work: fx.GraphModule, decisions: Mapping, inputs) -> None:
     eliminate_dead_code(graph)
     work.recompile()
     if groups:
-        dg = tp.DependencyGraph()
-        dg.build_dependency(
-            work, example_inputs=inputs, unwrapped_parameters=unwrapped_parameters(dg, work)
-        )
+        dg = _dependency_graph(work, inputs)
         for module, closed in groups:
-            cut_out_channels(dg, module, closed)
+            pruning().cut_out_channels(dg, module, closed)
     if zeros:
         fold_closed_points(work, zeros, inputs)
         eliminate_dead_code(graph)
 
 
-def unwrapped_parameters(
-    dg: tp.DependencyGraph, model: nn.Module
-) -> list[tuple[nn.Parameter, int]]:
-    """Parameters outside the layers torch-pruning knows (ConvNeXt's layer scale, a class
-    token), each with the dim a channel cut removes: its last dim larger than 1, the channel
-    dim of a ``(C, 1, 1)`` scale and of a ``(1, N, C)`` token table alike. Passing them
-    explicitly keeps torch-pruning from warning about its guess on every cut."""
-    known = set(dg.REGISTERED_PRUNERS) - {tp_ops.OPTYPE.ELEMENTWISE}
-    wrapped = {id(p) for m in model.modules() if tp_ops.module2type(m) in known
-               for p in m.parameters()}  # fmt: skip
-    found = []
-    for p in model.parameters():
-        dims = [d for d, s in enumerate(p.shape) if s > 1]
-        if id(p) not in wrapped and dims:
-            found.append((p, dims[-1]))
-    return found
-
-
-def cut_out_channels(dg: tp.DependencyGraph, module: nn.Module, idxs: list[int]) -> None:
-    """Remove output channels `idxs` of a conv or linear layer with torch-pruning, and with
-    them everything coupled to them in `dg` (norms, the next layer's inputs)."""
-    linear = isinstance(module, nn.Linear)
-    fn = tp.prune_linear_out_channels if linear else tp.prune_conv_out_channels
-    dg.get_pruning_group(module, fn, idxs).prune()
-
-
-def _prune(module: nn.Module, idxs: list[int], side: str) -> None:
-    if not any(True for _ in module.parameters()):
-        return  # activations and dropout have nothing to cut
-    pruner = tp_function.PrunerBox[tp_ops.module2type(module)]
-    (pruner.prune_out_channels if side == "out" else pruner.prune_in_channels)(module, idxs)
+def _dependency_graph(work: fx.GraphModule, inputs) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of `work`, traced on a twin that shares its modules
+    but computes every in-place op out of place: torch-pruning traces through autograd, which
+    loses a layer whose output is a view that an in-place op updates (a Linear's output on
+    tokens, then ``nn.ReLU(inplace=True)`` or ``out.add_(x)``)."""
+    twin = fx.GraphModule(work, copy.deepcopy(work.graph))
+    modules = dict(twin.named_modules())
+    for n in twin.graph.nodes:
+        if _mutates(n, modules):
+            _out_of_place(n, modules)
+    twin.recompile()
+    return pruning().dependency_graph(twin, inputs)
 
 
 def _index_buffer(work: fx.GraphModule, gate: ChannelGate, keep) -> fx.Node:
@@ -271,9 +265,10 @@ def _index_buffer(work: fx.GraphModule, gate: ChannelGate, keep) -> fx.Node:
 def _scatter_into_skip(work: fx.GraphModule, masked, point, gate: ChannelGate, keep) -> None:
     """``skip + branch`` with some branch channels cut: ``skip.index_add(dim, kept, branch)``."""
     (merge,) = masked.users
+    merge = _add_last(work, masked, merge)
     if merge.args[0] is masked and merge.kwargs.get("alpha", 1) != 1:
         raise ValueError(f"gate '{gate.name}': cannot cut channels of a branch that alpha scales")
-    skip = merge.args[1] if merge.args[0] is masked else merge.args[0]
+    skip = _other_operand(merge, masked)
     kept = _index_buffer(work, gate, keep)
     with work.graph.inserting_before(merge):
         scattered = work.graph.call_function(
@@ -281,3 +276,36 @@ def _scatter_into_skip(work: fx.GraphModule, masked, point, gate: ChannelGate, k
         )
     merge.replace_all_uses_with(scattered)
     work.graph.erase_node(merge)
+
+
+def _add_last(work: fx.GraphModule, masked: fx.Node, merge: fx.Node) -> fx.Node:
+    """In ``(masked + other) + rest``, where `other` is another branch whose channels an
+    "after" gate cuts too (``x + f(x) + g(x)``), add `masked` last: ``(other + rest) +
+    masked``, so that its channels are scattered into a tensor that keeps all of them."""
+    graph, modules = work.graph, dict(work.named_modules())
+    while _is_after_mask(other := _other_operand(merge, masked), modules):
+        (outer,) = merge.users  # the sum's next add: the block's skip is further up
+        rest = _other_operand(outer, merge)
+        with graph.inserting_before(outer):
+            inner = graph.call_function(operator.add, (other, rest))
+            lifted = graph.call_function(operator.add, (inner, masked))
+        outer.replace_all_uses_with(lifted)
+        graph.erase_node(outer)
+        graph.erase_node(merge)
+        merge = lifted
+    return merge
+
+
+def _other_operand(add: fx.Node, operand: fx.Node) -> fx.Node:
+    return add.args[1] if add.args[0] is operand else add.args[0]
+
+
+def _is_after_mask(n, modules: dict[str, nn.Module]) -> bool:
+    """``branch * gate(...)`` of an "after" channel gate not cut yet."""
+    gate = n.args[1] if isinstance(n, fx.Node) and n.target is operator.mul else None
+    return (
+        isinstance(gate, fx.Node)
+        and gate.op == "call_module"
+        and isinstance(modules.get(gate.target), ChannelGate)
+        and modules[gate.target].position == "after"
+    )

@@ -26,7 +26,8 @@ def channel_gated():
     "value,expected",
     [(False, False), (True, True), (0, False), (1, True), (np.bool_(False), False),
      (np.int64(1), True), (torch.tensor(False), False), (torch.tensor(0), False),
-     (np.array(True), True)],  # fmt: skip
+     (np.array(True), True), ((False,), False), ([1], True), (np.array([False]), False),
+     (torch.tensor([0]), False)],  # fmt: skip
     ids=repr,
 )
 def test_layer_gate_accepts_bools_and_0_1(layer_gated, value, expected):
@@ -38,7 +39,8 @@ def test_layer_gate_accepts_bools_and_0_1(layer_gated, value, expected):
 
 
 @pytest.mark.parametrize(
-    "value", ["False", "0", (False,), [False], 2, -1, 0.0, 1.0, None, np.array([False])],
+    "value", ["False", "0", ("False",), [False, False], 2, -1, 0.0, 1.0, None, [0.0],
+              np.array([[False]])],
     ids=repr,
 )
 def test_layer_gate_refuses_other_values(layer_gated, value):

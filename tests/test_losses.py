@@ -160,5 +160,5 @@ def test_fix_decisions_pins_fills_from_consensus_and_unpins():
     cg.fix_decisions(gated, {"layer1.0": False})
     fixed = {n: g.fixed for n, g in gated.gates.items()}
     assert fixed["layer1.0"] is False and fixed["layer1.1"] is False and fixed["layer1.2"] is True
-    cg.fix_decisions(gated, None)
+    cg.unfix_decisions(gated)
     assert all(g.fixed is None for g in gated.gates.values())

@@ -13,12 +13,11 @@ import itertools
 from collections.abc import Iterable
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from ..cost import set_training
 from ..models.registry import forget_source
-from ..surgery import cut_out_channels
+from ..pruning import cut_out_channels, dependency_graph
 from ..tracing import as_input_tuple
 from .space import InnerLayer, inner_layers
 
@@ -119,7 +118,7 @@ class DensityPruning:
         if not cuts:
             return False
         was_training = model.training
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=self.example_inputs)
+        dg = dependency_graph(model, self.example_inputs)
         for name, idxs in cuts.items():
             cut_out_channels(dg, model.get_submodule(name), idxs)
         set_training(model, was_training)  # tp traced it in eval mode and left it there

@@ -11,7 +11,7 @@ import click
 import torch
 
 from ..bench import BenchConfig, compare, ratios
-from ..consensus import fix_decisions
+from ..consensus import fix_decisions, unfix_decisions
 from ..data import make_loaders
 from ..errors import DataError
 from ..insert import insert_gates
@@ -79,7 +79,7 @@ def demo(
     export(slim, x, out / "slim.pt2")
     fix_decisions(gated, report["decisions"])
     report["accuracy"] = [evaluate(gated, test_loader), evaluate(slim, test_loader)]
-    fix_decisions(gated, None)
+    unfix_decisions(gated)
 
     click.echo(f"\n3/3 timing both models, batch {batch}, each in its own process")
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import model_from_checkpoint
-from ..consensus import consensus, fix_decisions, kept_fraction
+from ..consensus import consensus, fix_decisions, kept_fraction, unfix_decisions
 from ..cost import flops
 from ..errors import ModelFileError
 from ..insert import GatedModel, example_inputs_of
@@ -59,7 +59,7 @@ def slim_report(gated: GatedModel, threshold: float = 0.5) -> tuple[nn.Module, d
         "max_rel_diff": float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12)),
         "decisions": c.decisions,
     }
-    fix_decisions(gated, None)
+    unfix_decisions(gated)
     return slim, report
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -15,8 +16,11 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 SOURCE_ATTR = "_consensus_gates_source"
 
 
-def register_model(name: str | None = None) -> Callable[[Callable[..., nn.Module]], Callable]:
-    """Decorator that makes a model constructor available to `create_model` (and `load`)."""
+def register_model(name: str | Callable[..., nn.Module] | None = None) -> Any:
+    """Decorator that makes a model constructor available to `create_model` (and `load`),
+    by its function name (``@register_model``) or another (``@register_model("net")``)."""
+    if callable(name):  # used bare
+        return register_model()(name)
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name or fn.__name__
@@ -34,9 +38,11 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def list_models() -> list[str]:
-    """Names `create_model` accepts: the registry's first, then torchvision classifiers."""
-    return sorted(_REGISTRY) + [n for n in _torchvision_names() if n not in _REGISTRY]
+def list_models(filter: str = "") -> list[str]:
+    """Names `create_model` accepts, the registry's first, then torchvision classifiers;
+    with `filter`, those that match it as a wildcard pattern (``"resnet*"``)."""
+    names = sorted(_REGISTRY) + [n for n in _torchvision_names() if n not in _REGISTRY]
+    return [n for n in names if fnmatch.fnmatch(n, filter)] if filter else names
 
 
 def accepts(name: str, keyword: str) -> bool:
