@@ -217,9 +217,8 @@ def _late_ancestors(m: fx.Node, first: int, order: dict, live: set) -> list[fx.N
         n = stack.pop()
         if n in needed or order[n] < first:
             continue
-        if n not in live or n.op not in ("call_module", "call_function", "call_method") or (
-            is_inplace(n) or n.is_impure()
-        ):
+        if n not in live or n.op not in ("get_attr", "call_module", "call_function",
+                                         "call_method") or is_inplace(n) or n.is_impure():
             return None
         needed.add(n)
         stack.extend(n.all_input_nodes)
@@ -263,9 +262,10 @@ def _replace(work: fx.GraphModule, n: fx.Node, readers: list[fx.Node], value: Te
     order = {m: i for i, m in enumerate(graph.nodes)}
     first = min(readers, key=order.__getitem__)
     live = set(graph.nodes)
-    for ref, _ in (sizes or {}).values():  # computed later in the graph: move it up
+    for ref in dict.fromkeys(ref for ref, _ in (sizes or {}).values()):
+        order = {m: i for i, m in enumerate(graph.nodes)}
         for m in _late_ancestors(ref, order[first], order, live) or []:
-            first.prepend(m)
+            first.prepend(m)  # computed later in the graph: move it up
     with graph.inserting_before(first):
         const = graph.get_attr(name)
         if sizes:

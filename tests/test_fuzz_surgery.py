@@ -145,6 +145,13 @@ FOUND = {
         _net("tok", Block(4, branches=(Branch("tokmix", 4, preact=True),), merge="add_")),
         mode="channel",
     ),
+    "a size reference moved up twice for two dims of one constant": Case(  # fold.py
+        _net("2d",
+             Block(5, stride=2, branches=(Branch(preact=True, se="linear"),), shortcut="pad",
+                   post_act=False),
+             Block(4, shortcut="conv", post_act=False), cin=1, head=False),
+        mode="channel", bits=(False,), whole=(False,),
+    ),  # fmt: skip
 }
 
 
