@@ -25,7 +25,6 @@ from .models.registry import SOURCE_ATTR
 from .tracing import LeafSpec, as_input_tuple, record_shapes, trace
 
 META_KEY = "consensus_gates"
-BRANCH_KEY = "cg_branch_output"
 GATES_ATTR = "gate_modules"
 
 CHANNEL_FIRST = (
@@ -110,7 +109,6 @@ def insert_gates(
     gm.add_module(GATES_ATTR, gates)
     for b in branches:
         output = b.output
-        b.output.meta[BRANCH_KEY] = b.name  # surgery finds fully closed branches by it
         # made first: it reads the layout off the branch's first layers, which a "before"
         # channel gate then reads through its mask
         layer = _make_gate(gm, b, config) if config.mode != "channel" else None
