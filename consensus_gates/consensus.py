@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .gates import Gate, LayerGate
-from .insert import require_gated
+from .fx.graph_module import require_gated
+from .gates.modules import Gate, LayerGate
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ._utils import set_training
 from .consensus import kept_fraction, normalize_decision, resolve_decisions
-from .gates import LayerGate
-from .insert import example_inputs_of, require_gated
-from .surgery import slim_graph_module
-from .tracing import as_input_tuple
+from .fx.graph_module import example_inputs_of, require_gated
+from .fx.surgery import slim_graph_module
+from .fx.tracing import as_input_tuple
+from .gates.modules import LayerGate
 
 with warnings.catch_warnings():  # fvcore's import calls the deprecated torch.jit.script
     warnings.simplefilter("ignore", FutureWarning)
@@ -36,13 +37,6 @@ class Cost(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.flops / 1e6:,.2f} MFLOPs, {self.params / 1e6:,.3f} M params"
-
-
-def set_training(model: nn.Module, mode: bool) -> None:
-    """``model.train(mode)``, except for a torch.export module, which is frozen in the mode
-    it was exported in and refuses to switch."""
-    with contextlib.suppress(NotImplementedError):
-        model.train(mode)
 
 
 def flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -> Cost:

@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .gates import Gate
-from .insert import require_gated
+from .cost import branch_costs
+from .fx.graph_module import require_gated
+from .gates.modules import Gate
 
 
 def _batch_means(model: nn.Module) -> tuple[list[Gate], list[Tensor]]:
@@ -91,8 +92,6 @@ def _activation(model: nn.Module, gates: list[Gate], means: list[Tensor], weight
         raise ValueError(f"weight must be 'uniform' or 'flops', got {weight!r}")
     w = torch.stack([g.branch_flops for g in gates])
     if (w < 0).any():  # one check for all gates: on a GPU, one sync instead of one per gate
-        from .cost import branch_costs
-
         branch_costs(model)  # fills each gate's branch_flops
         w = torch.stack([g.branch_flops for g in gates])
     w = w.to(mean)

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 import consensus_gates as cg
-from consensus_gates.data import make_loaders
+from consensus_gates import evaluate
 from consensus_gates.errors import DataError
-from consensus_gates.train import evaluate
+from consensus_gates.training.data import make_loaders
 
 
 def main() -> None:

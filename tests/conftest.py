@@ -69,3 +69,10 @@ def fake_fashion_mnist(root: Path, n_train: int, n_test: int) -> Path:
             body = data.to(torch.uint8).numpy().tobytes()
             (raw / f"{split}-{kind}-ubyte").write_bytes(header + body)
     return root
+
+
+def gated_resnet20(config=None):
+    """resnet20 with a gate on each of its nine residual branches."""
+    import consensus_gates as cg
+
+    return cg.insert_gates(cg.create_model("resnet20"), torch.randn(2, 3, 32, 32), config)

@@ -22,7 +22,7 @@ def test_import_is_light():
 
 
 def test_train_config_is_exported_lazily():
-    from consensus_gates.train import TrainConfig
+    from consensus_gates.training.config import TrainConfig
 
     assert cg.TrainConfig is TrainConfig
     with pytest.raises(AttributeError, match="has no attribute 'no_such_thing'"):

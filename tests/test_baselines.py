@@ -21,8 +21,9 @@ from consensus_gates.baselines import (
     prune_to_flops,
     sparse_flops_ratio,
 )
-from consensus_gates.insert import META_KEY
-from consensus_gates.train import TrainConfig, train
+from consensus_gates.fx.graph_module import META_KEY
+from consensus_gates.training.config import TrainConfig
+from consensus_gates.training.trainer import train
 
 from conftest import randomize, rel_diff
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import consensus_gates as cg
-from consensus_gates.bench import BenchConfig, Measurement, compare, measure, ratios
+from consensus_gates.bench.compare import compare, ratios
+from consensus_gates.bench.measure import BenchConfig, Measurement, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 

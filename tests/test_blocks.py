@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import consensus_gates as cg
-from consensus_gates.blocks import find_blocks
-from consensus_gates.tracing import record_shapes, trace
+from consensus_gates.fx.blocks import find_blocks
+from consensus_gates.fx.tracing import record_shapes, trace
 
 from conftest import randomize, rel_diff
 from synthetic_models import CASES

@@ -237,7 +237,7 @@ def test_every_head_trains_channel_gates(head, fc_layers):
 
 
 def test_bernoulli_channel_gates_compare_each_channel_with_its_own_batch_mean():
-    from consensus_gates.heads import BernoulliHead
+    from consensus_gates.gates.heads import BernoulliHead
 
     head = BernoulliHead(momentum=1.0, shape=(2,)).train()
     logits = torch.tensor([[1.0, 10.0], [3.0, 30.0], [2.0, 50.0]])  # means 2 and 30

@@ -7,9 +7,13 @@ import torch
 from click.testing import CliRunner
 
 import consensus_gates as cg
-from consensus_gates.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from consensus_gates.cli import main
 from consensus_gates.errors import ModelFileError
+from consensus_gates.training.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 
 
 @pytest.fixture

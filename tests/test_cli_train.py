@@ -10,8 +10,12 @@ import torch
 from click.testing import CliRunner
 
 import consensus_gates as cg
-from consensus_gates.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from consensus_gates.cli import main
+from consensus_gates.training.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 
 from conftest import fake_fashion_mnist, rel_diff
 
@@ -100,7 +104,7 @@ def test_slim_refuses_a_slim_model(tmp_path):
 
 
 def test_slim_refuses_the_checkpoint_of_a_plain_training(tmp_path):
-    from consensus_gates.checkpoint import save_checkpoint
+    from consensus_gates.training.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "checkpoint.pt", cg.create_model("resnet20"), epoch=1)
     result = CliRunner().invoke(main, ["slim", str(tmp_path / "checkpoint.pt")])

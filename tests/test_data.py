@@ -14,14 +14,14 @@ import torchvision.datasets.cifar
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from consensus_gates.data import (
+from consensus_gates.errors import DataError
+from consensus_gates.training.data import (
     DATASETS,
     DataInfo,
     build_datasets,
     dataset_info,
     make_loaders,
 )
-from consensus_gates.errors import DataError
 
 from conftest import fake_fashion_mnist
 

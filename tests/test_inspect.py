@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import consensus_gates as cg
-from consensus_gates.checkpoint import save_checkpoint
 from consensus_gates.cli import main
+from consensus_gates.training.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

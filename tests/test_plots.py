@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from consensus_gates import plots
-from consensus_gates.plots import gate_matrix, plot_curves, plot_gates, read_records
+from consensus_gates.training import plots
+from consensus_gates.training.plots import gate_matrix, plot_curves, plot_gates, read_records
 
 LAYERS = [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]  # 9 layer gates
 CHANNEL = "layer1.0/conv1"

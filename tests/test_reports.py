@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consensus_gates.reports import write_sections
+from consensus_gates.bench.reports import write_sections
 
 
 def test_only_the_spans_change_and_missing_ones_are_appended(tmp_path):

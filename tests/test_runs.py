@@ -15,11 +15,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import consensus_gates as cg
-from consensus_gates.checkpoint import load_checkpoint, save_checkpoint
 from consensus_gates.cli import main
 from consensus_gates.experiments import ConfigError, load_study, run_study
 from consensus_gates.models.registry import create_model_for
-from consensus_gates.train import CHECKPOINT, METRICS, RUN, RUN_FILES, TrainConfig, train
+from consensus_gates.training.checkpoint import load_checkpoint, save_checkpoint
+from consensus_gates.training.config import TrainConfig
+from consensus_gates.training.runs import CHECKPOINT, METRICS, RUN, RUN_FILES
+from consensus_gates.training.trainer import train
 
 from conftest import fake_fashion_mnist
 

@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import consensus_gates as cg
-import consensus_gates.saving as saving
+import consensus_gates.saving.files as saving_files
 from consensus_gates import LayerGate, ModelFileError
-from consensus_gates.saving import read_spec
+from consensus_gates.saving.files import read_spec
 
 from conftest import randomize, rel_diff
 
@@ -334,7 +334,7 @@ def test_failed_save_keeps_the_existing_file(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"half-written garbage" * 100)
         raise OSError("disk full while writing")
 
-    monkeypatch.setattr(saving, "save_model", broken_save_model)
+    monkeypatch.setattr(saving_files, "save_model", broken_save_model)
     with pytest.raises(OSError, match="disk full"):
         cg.save(cg.create_model("resnet20", num_classes=3), target)
 
@@ -350,7 +350,7 @@ def test_failed_first_save_creates_no_file(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"garbage")
         raise OSError("disk full while writing")
 
-    monkeypatch.setattr(saving, "save_model", broken_save_model)
+    monkeypatch.setattr(saving_files, "save_model", broken_save_model)
     with pytest.raises(OSError, match="disk full"):
         cg.save(_resnet20(), tmp_path / "model.safetensors")
     assert list(tmp_path.iterdir()) == []

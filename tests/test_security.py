@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import consensus_gates as cg
 from consensus_gates import ModelFileError
-from consensus_gates.bench import load_for_bench
+from consensus_gates.bench.compare import load_for_bench
 from consensus_gates.cli import main
 
 from conftest import rel_diff
@@ -253,7 +253,7 @@ def test_bench_refuses_a_pickled_pt2_in_one_line(exported, tmp_path):
 @pytest.mark.parametrize("mode, position", [("layer", "middle"), ("channel", "after"),
                                             ("channel", "before"), ("both", "middle")])  # fmt: skip
 def test_our_export_writes_no_pickles_and_passes_the_check(tmp_path, mode, position):
-    from consensus_gates.pt2 import check_archive
+    from consensus_gates.saving.pt2 import check_archive
 
     slim = _slim(mode, position)
     path = tmp_path / "slim.pt2"
@@ -355,7 +355,7 @@ def test_save_writes_the_architecture_not_the_pretrained_weights(tmp_path, monke
          "legacy-pretrained", "no-weights"],
 )  # fmt: skip
 def test_architecture_source_keeps_what_the_weights_imply(source, kwargs):
-    from consensus_gates.spec import architecture_source
+    from consensus_gates.saving.spec import architecture_source
 
     assert architecture_source(source) == {"name": source["name"], "kwargs": kwargs}
 

@@ -222,7 +222,7 @@ def test_the_unedited_files_load(saved, tmp_path, kind):
 
 
 def test_rebuild_validates_a_spec_from_anywhere(saved):
-    from consensus_gates.saving import rebuild
+    from consensus_gates.saving.files import rebuild
 
     spec = copy.deepcopy(_spec(saved["gated"]))
     spec["config"]["tau"] = float("inf")
@@ -232,7 +232,7 @@ def test_rebuild_validates_a_spec_from_anywhere(saved):
 
 
 def test_the_schema_covers_every_gate_config_field():
-    from consensus_gates.spec import CONFIG_FIELDS
+    from consensus_gates.saving.spec import CONFIG_FIELDS
 
     assert set(CONFIG_FIELDS) == {f.name for f in fields(GateConfig)}
 

@@ -17,11 +17,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import consensus_gates as cg
-from consensus_gates import train as train_module
-from consensus_gates.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from consensus_gates.cost import flops_ratio
 from consensus_gates.errors import ModelFileError, TrainingDiverged
-from consensus_gates.train import CHECKPOINT, METRICS, SparsityController, TrainConfig, evaluate
+from consensus_gates.training import trainer as train_module
+from consensus_gates.training.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from consensus_gates.training.config import TrainConfig
+from consensus_gates.training.controller import SparsityController
+from consensus_gates.training.runs import CHECKPOINT, METRICS
+from consensus_gates.training.trainer import evaluate
 
 RECORD_KEYS = {
     "epoch", "lr", "lambda_polar", "lambda_act", "loss", "train_acc", "test_acc", "r_polar",

@@ -1,12 +1,12 @@
-"""Baselines for the comparison of issue 6, each producing a smaller model to set beside the
-consensus sub-network at a matched FLOPs ratio.
+"""Baseline pruning methods, each producing a smaller model to set beside the consensus
+sub-network at a matched FLOPs ratio.
 
 - `naive`: the paper's Fig. 2, weights (`drop_weights`) or residual branches (`drop_layers`)
   dropped at random from a trained network.
 - `pruners`: Torch-Pruning's magnitude, BN-scale and Taylor pruners (`prune_to_flops`), for
   train, prune, fine-tune.
 - `density`: activation-density pruning during training (`DensityPruning`, an `epoch_end`
-  for `consensus_gates.train.train`).
+  for `consensus_gates.train`).
 
 Fine-tuning a pruned model is `train(pruned, ...)`: the trainer takes plain models too.
 """

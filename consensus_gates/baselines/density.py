@@ -15,10 +15,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ..cost import set_training
+from .._utils import set_training
+from ..fx.pruning import cut_out_channels, dependency_graph
+from ..fx.tracing import as_input_tuple
 from ..models.registry import forget_source
-from ..pruning import cut_out_channels, dependency_graph
-from ..tracing import as_input_tuple
 from .space import InnerLayer, inner_layers
 
 

@@ -11,8 +11,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..cost import flops, flops_ratio, module_flops
-from ..insert import insert_gates
-from ..surgery import materialize
+from ..fx.insert import insert_gates
+from ..fx.surgery import materialize
 
 WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from ..cost import flops, set_training
+from .._utils import set_training
+from ..cost import flops
+from ..fx.tracing import as_input_tuple
 from ..models.registry import forget_source
-from ..tracing import as_input_tuple
 from .naive import WEIGHTED
 from .space import inner_layers
 

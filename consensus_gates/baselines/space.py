@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..blocks import find_blocks, find_channel_points, producer_chain
-from ..tracing import as_input_tuple, record_shapes, trace
+from ..fx.blocks import find_blocks, find_channel_points, producer_chain
+from ..fx.tracing import as_input_tuple, record_shapes, trace
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from .. import __version__
-from ..bench import keep_freed_memory
-from ..train import check_folder, run_files
+from ..bench.measure import keep_freed_memory
+from ..training.runs import check_folder, run_files
 
 
 @click.group()

@@ -10,10 +10,11 @@ from pathlib import Path
 import click
 import torch
 
-from ..bench import BenchConfig, compare, ratios
-from ..pt2 import load_program
-from ..saving import load, read_spec, save
-from ..surgery import materialize
+from ..bench.compare import compare, ratios
+from ..bench.measure import BenchConfig
+from ..fx.surgery import materialize
+from ..saving.files import load, read_spec, save
+from ..saving.pt2 import load_program
 from .app import main, model_arg_option, parse_model_args, parse_shape
 from .slim import load_gated
 

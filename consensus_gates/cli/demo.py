@@ -10,14 +10,17 @@ from pathlib import Path
 import click
 import torch
 
-from ..bench import BenchConfig, compare, ratios
+from .._utils import atomic_path
+from ..bench.compare import compare, ratios
+from ..bench.measure import BenchConfig
 from ..consensus import fix_decisions, unfix_decisions
-from ..data import make_loaders
 from ..errors import DataError
-from ..insert import insert_gates
+from ..fx.insert import insert_gates
 from ..models import create_model
-from ..saving import atomic_path, export, save
-from ..train import TrainConfig, evaluate, train
+from ..saving.files import export, save
+from ..training.config import TrainConfig
+from ..training.data import make_loaders
+from ..training.trainer import evaluate, train
 from .app import main, out_folder, overwrite_option, refuse_existing_run
 from .slim import print_report, slim_report
 

@@ -10,14 +10,15 @@ import click
 import torch
 from torch import Tensor
 
-from ..checkpoint import model_from_checkpoint
 from ..consensus import consensus
 from ..cost import branch_costs, flops
 from ..errors import ModelFileError
-from ..insert import GatedModel, example_inputs_of, insert_gates
+from ..fx.graph_module import GatedModel, example_inputs_of
+from ..fx.insert import insert_gates
+from ..fx.surgery import materialize
 from ..models import CifarResNet, create_model
-from ..saving import decisions_of, load, read_spec, rebuild_gated
-from ..surgery import materialize
+from ..saving.files import decisions_of, load, read_spec, rebuild_gated
+from ..training.checkpoint import model_from_checkpoint
 from .app import main, model_arg_option, parse_model_args, parse_shape
 
 Decisions = dict[str, Any]

@@ -10,14 +10,14 @@ import click
 import torch
 from torch import nn
 
-from ..checkpoint import model_from_checkpoint
 from ..consensus import consensus, fix_decisions, kept_fraction, unfix_decisions
 from ..cost import flops
 from ..errors import ModelFileError
-from ..insert import GatedModel, example_inputs_of
-from ..saving import export, load, read_spec, save
-from ..surgery import materialize
-from ..train import check_folder
+from ..fx.graph_module import GatedModel, example_inputs_of
+from ..fx.surgery import materialize
+from ..saving.files import export, load, read_spec, save
+from ..training.checkpoint import model_from_checkpoint
+from ..training.runs import check_folder
 from .app import main
 
 

@@ -13,14 +13,18 @@ import click
 import torch
 import torch.distributed as dist
 
+from .._utils import atomic_path
 from ..config import HEADS, MODES, POSITIONS, GateConfig
 from ..consensus import consensus
-from ..data import DATASETS, DataInfo, make_loaders
 from ..errors import DataError, ModelFileError, TrainingDiverged
-from ..insert import GatedModel, insert_gates
+from ..fx.graph_module import GatedModel
+from ..fx.insert import insert_gates
 from ..models.registry import create_model_for
-from ..saving import atomic_path, load, read_spec
-from ..train import CHECKPOINT, RUN, SCHEDULES, TrainConfig, check_resume, train
+from ..saving.files import load, read_spec
+from ..training.config import SCHEDULES, TrainConfig
+from ..training.data import DATASETS, DataInfo, make_loaders
+from ..training.runs import CHECKPOINT, RUN, check_resume
+from ..training.trainer import train
 from .app import (
     main,
     model_arg_option,
@@ -84,7 +88,7 @@ def _relaunch(nproc: int) -> None:
         elif not a.startswith("--nproc="):
             args.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "consensus_gates.train", *args]  # fmt: skip
+           f"--nproc_per_node={nproc}", "-m", "consensus_gates.cli", "train", *args]  # fmt: skip
     raise SystemExit(subprocess.call(cmd))
 
 

@@ -48,9 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..bench import BenchConfig
+from ..bench.measure import BenchConfig
 from ..config import GateConfig
-from ..train import TrainConfig
+from ..training.config import TrainConfig
 from .methods import METHODS
 
 if sys.version_info >= (3, 11):

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .._utils import atomic_path
 from ..baselines import (
     DensityPruning,
     drop_layers,
@@ -49,10 +50,10 @@ from ..baselines import (
 )
 from ..baselines.naive import WEIGHTED
 from ..consensus import consensus
-from ..insert import insert_gates
-from ..saving import atomic_path, load, save
-from ..surgery import materialize
-from ..train import train
+from ..fx.insert import insert_gates
+from ..fx.surgery import materialize
+from ..saving.files import load, save
+from ..training.trainer import train
 
 if TYPE_CHECKING:
     from .config import RunConfig

@@ -28,13 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..bench import compare, ratios
+from .._utils import atomic_path
+from ..bench.compare import compare, ratios
 from ..cost import flops
-from ..data import DataInfo, dataset_info, make_loaders
 from ..errors import DataError
 from ..models.registry import create_model_for
-from ..saving import atomic_path, export
-from ..train import evaluate
+from ..saving.files import export
+from ..training.data import DataInfo, dataset_info, make_loaders
+from ..training.trainer import evaluate
 from .config import LatencyConfig, RunConfig, StudyConfig
 from .methods import METHODS, RunContext
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from ..plots import save_figure
-from ..reports import write_sections
+from ..bench.reports import write_sections
+from ..training.plots import save_figure
 
 # what marks a runner's results file (the cache's JSON files lack them)
 _RESULT_KEYS = {"study", "label", "method", "seed", "accuracy", "flops_ratio"}

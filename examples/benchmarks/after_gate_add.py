@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 import consensus_gates as cg
-from consensus_gates.bench import BenchConfig, compare, ratios
+from consensus_gates.bench.compare import compare, ratios
+from consensus_gates.bench.measure import BenchConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import consensus_gates as cg
-from consensus_gates.bench import BenchConfig, compare, keep_freed_memory, ratios
+from consensus_gates.bench.compare import compare, ratios
+from consensus_gates.bench.measure import BenchConfig, keep_freed_memory
+from consensus_gates.bench.reports import write_sections
 from consensus_gates.losses import gate_losses
-from consensus_gates.reports import write_sections
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMAND = "python examples/benchmarks/slim_speed.py"

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .errors import InputError, TracingError
+from ..errors import InputError, TracingError
 
 # Stochastic-depth modules read `self.training` at run time; traced through, their mode
 # would be frozen into the graph, so they stay leaves by default.

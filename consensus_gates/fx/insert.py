@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-from collections import OrderedDict
-from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from .._utils import unwrap
+from ..config import GateConfig
+from ..gates.modules import ChannelGate, Gate, LayerGate
+from ..models.registry import SOURCE_ATTR
 from .blocks import (
     POOL_MODULES,
     Branch,
@@ -19,33 +20,12 @@ from .blocks import (
     find_channel_points,
     is_channelwise,
 )
-from .config import GateConfig
-from .gates import ChannelGate, Gate, LayerGate
-from .models.registry import SOURCE_ATTR
+from .graph_module import GATES_ATTR, META_KEY, GatedModel, attr_name
 from .tracing import LeafSpec, as_input_tuple, record_shapes, trace
-
-META_KEY = "consensus_gates"
-GATES_ATTR = "gate_modules"
 
 CHANNEL_FIRST = (
     nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, *POOL_MODULES,
 )  # fmt: skip
-
-
-class GatedModel(fx.GraphModule):
-    """A traced copy of a model with a gate on each residual branch.
-
-    Call it like the original model. ``gates`` maps stable names (``"layer2.3"``) to gates.
-    """
-
-    @property
-    def gates(self) -> OrderedDict[str, Gate]:
-        return OrderedDict((m.name, m) for m in self.modules() if isinstance(m, Gate))
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        """How this model was made: source model, example input shapes, config, leaves."""
-        return self.meta[META_KEY]
 
 
 def insert_gates(
@@ -177,11 +157,6 @@ def _make_gate(gm: fx.GraphModule, b: Branch, config: GateConfig) -> LayerGate:
     return LayerGate(b.name, channels, fdim, len(out_shape), config)
 
 
-def attr_name(name: str) -> str:
-    """A gate or block name as a module attribute name (no '.', '#' or '/')."""
-    return name.replace(".", "_").replace("#", "_").replace("/", "__")
-
-
 def _anchor(graph: fx.Graph, node: fx.Node) -> fx.Node:
     """Where to insert code that reads `node`: right after it, but after every placeholder."""
     if node.op != "placeholder":
@@ -222,43 +197,3 @@ def _wire(graph: fx.Graph, b: Branch, target: str, output: fx.Node) -> None:
         scaled = graph.call_function(operator.mul, (output, g))
     b.merge.replace_input_with(output, scaled)
 
-
-def example_inputs_of(model: nn.Module) -> tuple[Tensor, ...]:
-    """Random inputs of the shapes given to `insert_gates`, batch size 1."""
-    spec = require_gated(model).meta[META_KEY]["inputs"]
-    ref = next(model.parameters())
-    return tuple(
-        torch.randn(1, *s["shape"][1:], dtype=getattr(torch, s["dtype"]), device=ref.device)
-        for s in spec
-    )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
-
-
-def require_gated(model: nn.Module) -> GatedModel:
-    model = unwrap(model)
-    if not isinstance(model, GatedModel):
-        raise TypeError(
-            f"expected a model returned by insert_gates(), got {type(model).__name__}; "
-            "call consensus_gates.insert_gates(model, example_inputs) first"
-        )
-    return model
-
-
-def gate_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, Gate]]:
-    """The graph's gate calls, in graph order."""
-    modules = dict(gm.named_modules())
-    return [
-        (n, modules[n.target])
-        for n in gm.graph.nodes
-        if n.op == "call_module" and isinstance(modules.get(n.target), Gate)
-    ]

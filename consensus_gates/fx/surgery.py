@@ -13,17 +13,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..consensus import Consensus, resolve_decisions
+from ..gates.modules import ChannelGate, LayerGate
 from .blocks import producer_chain
-from .consensus import Consensus, resolve_decisions
 from .fold import fold_closed_points
-from .gates import ChannelGate, LayerGate
-from .insert import (
-    META_KEY,
-    attr_name,
-    example_inputs_of,
-    gate_nodes,
-    require_gated,
-)
+from .graph_module import META_KEY, attr_name, example_inputs_of, gate_nodes, require_gated
 from .tracing import eliminate_dead_code, is_inplace
 
 if TYPE_CHECKING:

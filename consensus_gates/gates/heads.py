@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import GateConfig
+from ..config import GateConfig
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -9,23 +9,19 @@ models from round to round (A B, B A, ...), and reports the median over rounds.
 from __future__ import annotations
 
 import ctypes
-import json
-import os
 import re
 import resource
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .cost import flops, set_training
+from .._utils import set_training
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -257,122 +253,3 @@ def measure(
         extra={"page_faults_per_run": faults / config.runs},
     )
 
-
-def load_for_bench(
-    ref: str | os.PathLike, model_args: Mapping[str, Any] | None = None
-) -> nn.Module:
-    """A model to time: a ``.pt2`` file (torch.export; refused if it holds pickles or code,
-    see `consensus_gates.pt2`), a ``.safetensors`` file written by `consensus_gates.save`, or
-    a zoo / torchvision name (`create_model`)."""
-    path = Path(ref)
-    if path.suffix == ".pt2":
-        from .pt2 import load_program
-
-        return load_program(path).module()
-    if path.suffix == ".safetensors" or path.is_file():
-        from .saving import load
-
-        return load(path)
-    from .models import create_model
-
-    return create_model(str(ref), **dict(model_args or {}))
-
-
-def _run_worker(job: dict[str, Any], timeout: float) -> Measurement:
-    """Time one model at one batch size in a fresh Python process."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "consensus_gates.bench", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark of {job['name']} failed:\n{proc.stderr.strip()[-2000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out.pop("throughput")
-    out["spread_ms"] = tuple(out["spread_ms"]) if out["spread_ms"] else None
-    return Measurement(**out)
-
-
-def compare(
-    models: Mapping[str, str | os.PathLike],
-    input_shape: Sequence[int],
-    batches: Sequence[int] = (1,),
-    config: BenchConfig | None = None,
-    *,
-    rounds: int = 3,
-    model_args: Mapping[str, Mapping[str, Any]] | None = None,
-    timeout: float = 600,
-) -> list[Measurement]:
-    """Time each model (label → file or name, see `load_for_bench`) at each batch size, each
-    in its own process, `rounds` times in alternating order; report the median over rounds
-    (``spread_ms`` holds the lowest and highest). FLOPs and parameters come from fvcore.
-
-    Results are in the order of `batches`, then `models`; compare them with `ratios`.
-    """
-    config = config or BenchConfig()
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    names = list(models)
-    runs: dict[tuple[str, int], list[Measurement]] = {}
-    for r in range(rounds):
-        for batch in batches:
-            for name in names if r % 2 == 0 else reversed(names):
-                job = {
-                    "name": name,
-                    "ref": str(models[name]),
-                    "model_args": dict((model_args or {}).get(name, {})),
-                    "input_shape": list(input_shape),
-                    "batch": batch,
-                    "config": asdict(config),
-                    "count_flops": r == 0,
-                }
-                runs.setdefault((name, batch), []).append(_run_worker(job, timeout))
-    results = []
-    for batch in batches:
-        for name in names:
-            ms = runs[(name, batch)]
-            medians = [m.median_ms for m in ms]
-            results.append(
-                replace(
-                    ms[0],
-                    median_ms=statistics.median(medians),
-                    p90_ms=statistics.median(m.p90_ms for m in ms),
-                    peak_memory_mb=max(m.peak_memory_mb for m in ms),
-                    spread_ms=(min(medians), max(medians)),
-                )
-            )
-    return results
-
-
-def ratios(results: Sequence[Measurement], baseline: str) -> dict[tuple[str, int], dict]:
-    """``model/baseline`` ratios of latency, FLOPs and parameters at each batch size."""
-    base = {m.batch: m for m in results if m.model == baseline}
-    if not base:
-        raise ValueError(f"no results for the baseline {baseline!r}")
-    out = {}
-    for m in results:
-        b = base[m.batch]
-        out[(m.model, m.batch)] = {
-            "latency": m.median_ms / b.median_ms,
-            "flops": m.flops / b.flops if m.flops and b.flops else None,
-            "params": m.params / b.params if m.params and b.params else None,
-        }
-    return out
-
-
-def _worker_main(job: dict[str, Any]) -> None:
-    config = BenchConfig(**job["config"])
-    model = load_for_bench(job["ref"], job["model_args"])
-    shape = job["input_shape"]
-    m = measure(model, shape, job["batch"], config, name=job["name"])
-    if job["count_flops"]:
-        cost = flops(model.float().cpu(), torch.randn(1, *shape))
-        m = replace(m, flops=cost.flops, params=cost.params)
-    print(json.dumps(m.to_dict()))
-
-
-if __name__ == "__main__":
-    _worker_main(json.loads(sys.argv[1]))

@@ -6,7 +6,7 @@ writes one JSON line per epoch, an atomic checkpoint that `--resume` continues e
 gates.png / curves.png plots. Under torchrun it trains with DistributedDataParallel; the gate
 statistics are global (see `polarization_loss`).
 
-    torchrun --nproc_per_node 2 -m consensus_gates.train resnet20 --data fashion_mnist ...
+    torchrun --nproc_per_node 2 -m consensus_gates.cli train resnet20 --data fashion_mnist ...
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,267 +30,18 @@ from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .consensus import consensus
-from .cost import expected_flops_ratio, flops_ratio
-from .errors import TrainingDiverged
-from .insert import GatedModel, unwrap
-from .losses import gate_losses
+from .._utils import atomic_path, unwrap
+from ..consensus import consensus
+from ..cost import flops_ratio
+from ..errors import TrainingDiverged
+from ..fx.graph_module import GatedModel
+from ..losses import gate_losses
+from ..saving.files import model_spec
+from .checkpoint import save_checkpoint
+from .config import TrainConfig
+from .controller import SparsityController
 from .plots import plot_curves, plot_gates
-from .saving import atomic_path, model_spec
-from .spec import parse_spec
-
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-RUN = "run.json"  # what `cgates train` trained, for people reading the folder later
-RUN_FILES = (CHECKPOINT, METRICS, RUN)  # any of them in a folder: it holds a run
-SCHEDULES = ("constant", "step", "warmup")
-# TrainConfig's number fields (target and target_ramp may be None), and those that may be 0
-_NON_NEGATIVE = ("momentum", "weight_decay", "lambda_polar", "lambda_act", "controller_kp",
-                 "controller_ki", "lambda_act_max")  # fmt: skip
-_NUMBERS = ("lr", "lr_gamma", "target", "target_ramp", *_NON_NEGATIVE)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The training recipe; defaults are the paper's (SGD 0.1, momentum 0.9, weight decay
-    5e-4, learning rate divided by 10 at each milestone, the "λ↑" schedule).
-
-    Attributes:
-        milestones: epochs at which the learning rate is multiplied by `lr_gamma`; None: at
-            1/2 and 3/4 of the epochs.
-        polar_schedule: λ_polar over epochs. ``"constant"``: `lambda_polar` throughout;
-            ``"step"`` (paper's λ↑): 0 until epoch a, `lambda_polar` until b, then 1.5 ×
-            `lambda_polar` (0, 2, 3 with the default 2); ``"warmup"``: rises linearly from
-            0 to `lambda_polar` over `warmup_epochs`.
-        polar_steps: (a, b) for ``"step"``; None: the paper's 125 and 190 of 300 epochs,
-            scaled to `epochs`.
-        act_weight: ``"flops"`` weighs each gate by the FLOPs it controls, ``"uniform"``
-            counts gates equally (eq. 10).
-        target: a sparsity target. With ``target_kind="flops"``, the sub-network's FLOPs as
-            a fraction of the original's; with ``"open"``, the fraction of gate units kept.
-            A PI controller then sets λ_act after every step (from 0, within
-            ±`lambda_act_max`; `lambda_act` is not used), following a setpoint that moves
-            from 1 to the target over the first `target_ramp` of the steps.
-        target_ramp: None: three quarters of the epochs before λ_polar first rises above 0
-            (a quarter of the training if it never is 0). Polarized gates stop learning (an
-            STE passes no gradient far from 0), so the ramp should end before they polarize.
-        controller_kp, controller_ki: the controller's proportional gain and its integral
-            gain per step (`SparsityController`).
-    """
-
-    epochs: int = 10
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: tuple[int, ...] | None = None
-    lr_gamma: float = 0.1
-    lambda_polar: float = 2.0
-    polar_schedule: Literal["constant", "step", "warmup"] = "step"
-    polar_steps: tuple[int, int] | None = None
-    warmup_epochs: int = 1
-    lambda_act: float = 0.5
-    act_weight: Literal["uniform", "flops"] = "flops"
-    target: float | None = None
-    target_kind: Literal["flops", "open"] = "flops"
-    controller_kp: float = 4.0
-    controller_ki: float = 0.05
-    target_ramp: float | None = None
-    lambda_act_max: float = 10.0
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in _NUMBERS:
-            v = getattr(self, name)
-            if v is not None and not (_is_number(v, (int, float)) and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        for name in ("epochs", "warmup_epochs", "seed"):
-            if not _is_number(getattr(self, name), int):
-                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.polar_schedule not in SCHEDULES:
-            raise ValueError(
-                f"polar_schedule must be one of {SCHEDULES}, got {self.polar_schedule!r}"
-            )
-        if self.act_weight not in ("uniform", "flops"):
-            raise ValueError(f"act_weight must be 'uniform' or 'flops', got {self.act_weight!r}")
-        if self.target_kind not in ("flops", "open"):
-            raise ValueError(f"target_kind must be 'flops' or 'open', got {self.target_kind!r}")
-        if self.target is not None and not 0 < self.target <= 1:
-            raise ValueError(f"target must be in (0, 1], got {self.target}")
-        if self.target_ramp is not None and not 0 <= self.target_ramp <= 1:
-            raise ValueError(f"target_ramp must be in [0, 1], got {self.target_ramp}")
-        if self.milestones is not None and not _epochs(self.milestones, strict=True, least=1):
-            raise ValueError(
-                f"milestones must be increasing epochs >= 1 such as (30, 60), got {self.milestones}"
-            )
-        steps = self.polar_steps
-        if steps is not None and not (_epochs(steps, strict=False, least=0) and len(steps) == 2):
-            raise ValueError(f"polar_steps must be (a, b) with 0 <= a <= b, got {steps}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if self.lr <= 0 or self.lr_gamma <= 0:
-            raise ValueError(f"lr must be > 0 and lr_gamma > 0, got {self.lr}, {self.lr_gamma}")
-        negative = [n for n in _NON_NEGATIVE if getattr(self, n) < 0]
-        if negative:
-            values = ", ".join(f"{n}={getattr(self, n)}" for n in negative)
-            raise ValueError(f"{' and '.join(negative)} must be >= 0, got {values}")
-
-    def lr_milestones(self) -> list[int]:
-        if self.milestones is not None:
-            return list(self.milestones)
-        return sorted({self.epochs // 2, self.epochs * 3 // 4} - {0})
-
-    def ramp_fraction(self) -> float:
-        """`target_ramp`, or its default: the share of epochs before polarization starts."""
-        if self.target_ramp is not None:
-            return self.target_ramp
-        first = next((e for e in range(self.epochs) if self.lambda_polar_at(e) > 0), 0)
-        # end early enough that the controller settles before the gates polarize
-        return 0.75 * first / self.epochs if first > 0 else 0.25
-
-    def lambda_polar_at(self, epoch: int) -> float:
-        """λ_polar for a 0-based epoch."""
-        lam = self.lambda_polar
-        if self.polar_schedule == "constant":
-            return lam
-        if self.polar_schedule == "warmup":
-            return lam * min(1.0, (epoch + 1) / max(self.warmup_epochs, 1))
-        a, b = self.polar_steps or (self.epochs * 125 // 300, self.epochs * 190 // 300)
-        return 0.0 if epoch < a else lam if epoch < b else 1.5 * lam
-
-
-def _is_number(value: Any, types: tuple[type, ...] | type) -> bool:
-    return isinstance(value, types) and not isinstance(value, bool)
-
-
-def _epochs(values: Any, *, strict: bool, least: int) -> bool:
-    """Whether `values` is a sequence of integer epochs >= `least`, each greater than the
-    last (`strict`) or at least as great."""
-    if not isinstance(values, tuple | list) or not all(_is_number(v, int) for v in values):
-        return False
-    pairs = zip(values, values[1:], strict=False)
-    return all(v >= least for v in values) and all(a < b or a == b and not strict
-                                                   for a, b in pairs)  # fmt: skip
-
-
-class SparsityController:
-    """Proportional-integral control of λ_act towards a sparsity target.
-
-    Closed gates saturate and stop learning (the STE passes no gradient far from 0), so the
-    sub-network must approach the target from above, never overshoot it. The setpoint
-    therefore moves from the full network (1.0) down to the target over the first
-    `ramp_fraction` of the training steps. After each step, with the error ``e`` = the size
-    the running open rates describe minus the setpoint, λ_act = kp·e + ki·Σe: positive
-    while the sub-network is too large, negative (holding gates open) while too small.
-    """
-
-    def __init__(self, model: GatedModel, config: TrainConfig, total_steps: int):
-        self.model, self.config = model, config
-        self.lam, self.integral, self.steps = 0.0, 0.0, 0
-        self.ramp_steps = max(1, round(config.ramp_fraction() * total_steps))
-        if config.target_kind == "flops":
-            flops_ratio(model)  # measures each gate's FLOPs, once
-
-    def setpoint(self) -> float:
-        target = self.config.target
-        return 1 - (1 - target) * min(1.0, self.steps / self.ramp_steps)
-
-    def current(self) -> float:
-        """The sub-network size now (FLOPs ratio or kept fraction), from the running rates."""
-        if self.config.target_kind == "flops":
-            return expected_flops_ratio(self.model)
-        rates = [g.running_open_rate.float().mean() for g in self.model.gates.values()]
-        return float(torch.stack(rates).mean())
-
-    def step(self) -> float:
-        self.steps += 1
-        error = self.current() - self.setpoint()
-        c, limit = self.config, self.config.lambda_act_max
-        self.integral += error
-        if c.controller_ki > 0:  # anti-windup: the integral term alone stays within the limit
-            bound = limit / c.controller_ki
-            self.integral = min(max(self.integral, -bound), bound)
-        lam = c.controller_kp * error + c.controller_ki * self.integral
-        self.lam = min(max(lam, -limit), limit)
-        return self.lam
-
-    def state_dict(self) -> dict[str, float]:
-        return {"lam": self.lam, "integral": self.integral, "steps": self.steps}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.lam, self.integral, self.steps = state["lam"], state["integral"], int(state["steps"])
-
-
-def check_folder(path: str | Path) -> Path:
-    """`path` as a Path; ValueError if it cannot be a folder: it, or a folder above it, is a
-    file."""
-    path = Path(path)
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                why = "is a file" if p == path else f"cannot be a folder: {p} is a file"
-                raise ValueError(f"{path} {why}; choose another output folder")
-            break
-    return path
-
-
-def run_files(out: str | Path) -> list[str]:
-    """The files of a run that the folder `out` already holds (`RUN_FILES`)."""
-    return [name for name in RUN_FILES if (Path(out) / name).exists()]
-
-
-def check_resume(
-    out_dir: str | Path,
-    model: nn.Module,
-    config: TrainConfig,
-    identity: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The checkpoint in `out_dir`, if `model`, `config` and `identity` (see `train`) are
-    those it was trained with: only `epochs` may differ. Raises ValueError listing every
-    difference, FileNotFoundError or ModelFileError for a missing or unreadable checkpoint."""
-    ckpt = load_checkpoint(Path(out_dir) / CHECKPOINT)
-    changed = _changed(_model_identity(parse_spec(ckpt["spec"], str(out_dir))),
-                       _model_identity(model_spec(unwrap(model))))  # fmt: skip
-    saved = json.loads(ckpt.get("identity", "null"))
-    if saved is not None and identity is not None:
-        changed += _changed(saved, _jsonable(identity))
-    recipe = _jsonable(asdict(config))
-    changed += _changed(json.loads(ckpt["train_config"]), recipe, skip=("epochs", "progress"))
-    if changed:
-        raise ValueError(
-            f"--resume with a different recipe than the checkpoint's ({', '.join(changed)}); "
-            "resume with the same model, data and settings (only --epochs may change), or "
-            "start a new run in a new --out"
-        )
-    return ckpt
-
-
-def _jsonable(value: Any) -> Any:
-    """`value` as it reads back from JSON (tuples as lists), to compare with a saved one."""
-    return json.loads(json.dumps(value))
-
-
-def _changed(saved: Mapping[str, Any], now: Mapping[str, Any], skip: tuple = ()) -> list[str]:
-    """``"key: saved -> now"`` for each key whose value differs."""
-    keys = [k for k in dict.fromkeys([*saved, *now]) if k not in skip]
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
-
-
-def _model_identity(spec: dict[str, Any]) -> dict[str, Any]:
-    """What a resumed model must share with the checkpoint's, from its spec: the source model
-    and its kwargs, the gate config (one key per field, so a difference names it), the
-    example inputs less their batch size, and the rest of the spec but its format version and
-    the gates a user fixed."""
-    spec = _jsonable(spec)
-    source, config = spec.pop("source", None) or {}, spec.pop("config", None) or {}
-    for t in spec.get("inputs") or []:
-        t["shape"] = t["shape"][1:]
-    rest = {k: v for k, v in spec.items() if k not in ("format", "version", "fixed")}
-    gates = {f"gates.{k}": v for k, v in config.items()}
-    return {"model": source.get("name"), "model_args": source.get("kwargs"), **gates, **rest}
+from .runs import CHECKPOINT, METRICS, _claim, check_folder, check_resume
 
 
 def _distributed() -> tuple[int, int]:
@@ -519,20 +270,6 @@ def train(
     return records
 
 
-def _claim(out: Path, resume: bool, overwrite: bool, rank: int) -> None:
-    """Refuse to train over the run `out` holds unless resuming or replacing it; on
-    replacing, delete the files `train` writes (rank 0), so none of the old run is kept."""
-    found = run_files(out)
-    if found and not (resume or overwrite):
-        raise ValueError(
-            f"{out} already holds a run ({', '.join(found)}); continue it with resume=True, "
-            "replace it with overwrite=True, or train into another out_dir"
-        )
-    if overwrite and rank == 0:
-        for name in (CHECKPOINT, METRICS, "gates.png", "curves.png"):
-            (out / name).unlink(missing_ok=True)
-
-
 def _require_spec(model: nn.Module, why: str) -> None:
     """A checkpoint needs a spec to rebuild the model from: raise if `save` has none."""
     try:
@@ -635,8 +372,3 @@ def _write_outputs(
         plot_gates(records, out / "gates.png")
     plot_curves(records, out / "curves.png")
 
-
-if __name__ == "__main__":  # torchrun --nproc_per_node N -m consensus_gates.train MODEL ...
-    from .cli import main
-
-    main(["train", *sys.argv[1:]])

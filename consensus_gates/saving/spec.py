@@ -13,8 +13,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .config import HEADS, MODES, POSITIONS
-from .errors import ModelFileError
+from ..config import HEADS, MODES, POSITIONS
+from ..errors import ModelFileError
 
 FORMAT = "consensus-gates"
 VERSION = 1

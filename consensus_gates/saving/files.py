@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +13,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from .config import GateConfig
-from .consensus import normalize_decision
-from .errors import ModelFileError
-from .gates import LayerGate
-from .insert import META_KEY, GatedModel, insert_gates, unwrap
-from .models.registry import SOURCE_ATTR, create_model
+from .._utils import atomic_path, unwrap
+from ..config import GateConfig
+from ..consensus import normalize_decision
+from ..errors import ModelFileError
+from ..fx.graph_module import META_KEY, GatedModel
+from ..fx.insert import insert_gates
+from ..fx.surgery import materialize
+from ..fx.tracing import as_input_tuple
+from ..gates.modules import LayerGate
+from ..models.registry import SOURCE_ATTR, create_model
 from .spec import (
     FORMAT,
     MAX_BATCH,
@@ -31,29 +32,6 @@ from .spec import (
     parse_spec,
     validate_spec,
 )
-from .surgery import materialize
-from .tracing import as_input_tuple
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # keep the suffix: torch.export.save insists on ".pt2"
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # writers create 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:

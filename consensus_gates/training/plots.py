@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .saving import atomic_path
+from .._utils import atomic_path
 
 MAX_EPOCH_TICKS = 20  # label at most this many heat-map columns; a 200-epoch axis stays legible
 ROW_INCHES = 0.22  # heat-map height per gate: 9 gates and 54 gates both get readable labels

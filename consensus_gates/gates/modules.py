@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import GateConfig
+from ..config import GateConfig
 from .heads import make_head
 
 

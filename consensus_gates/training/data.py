@@ -22,7 +22,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
 
-from .errors import DataError
+from ..errors import DataError
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_FOLDER = "tiny-imagenet-200"

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelFileError
-from .insert import unwrap
-from .saving import atomic_path, model_spec, rebuild
-from .spec import parse_spec
+from .._utils import atomic_path, unwrap
+from ..errors import ModelFileError
+from ..saving.files import model_spec, rebuild
+from ..saving.spec import parse_spec
 
 FORMAT = "consensus-gates-checkpoint"
 VERSION = 1
@@ -56,7 +56,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(
             f"{path} is a torch file but not a consensus-gates training checkpoint "
-            "(written by `cgates train` or consensus_gates.train)"
+            "(written by `cgates train` or consensus_gates.training.train)"
         )
     version = payload.get("version")
     if type(version) is not int or version < 1:

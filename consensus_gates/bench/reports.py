@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from .saving import atomic_path
+from .._utils import atomic_path
 
 
 def _span(key: str, body: str) -> str:

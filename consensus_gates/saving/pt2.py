@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.utils._sympy.functions as sympy_functions
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 _SAFE_ENTRIES = re.compile(
     r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"

@@ -1,0 +1,71 @@
+"""The gated model type that `insert_gates` returns and every later step reads.
+
+Its state (source model, example input shapes, config) lives in ``model.meta[META_KEY]``, as
+torch.ao's observed GraphModules keep theirs; `require_gated` refuses any other model.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .._utils import unwrap
+from ..gates import Gate
+
+META_KEY = "consensus_gates"
+GATES_ATTR = "gate_modules"
+
+
+class GatedModel(fx.GraphModule):
+    """A traced copy of a model with a gate on each residual branch.
+
+    Call it like the original model. ``gates`` maps stable names (``"layer2.3"``) to gates.
+    """
+
+    @property
+    def gates(self) -> OrderedDict[str, Gate]:
+        return OrderedDict((m.name, m) for m in self.modules() if isinstance(m, Gate))
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """How this model was made: source model, example input shapes, config, leaves."""
+        return self.meta[META_KEY]
+
+
+def require_gated(model: nn.Module) -> GatedModel:
+    model = unwrap(model)
+    if not isinstance(model, GatedModel):
+        raise TypeError(
+            f"expected a model returned by insert_gates(), got {type(model).__name__}; "
+            "call consensus_gates.insert_gates(model, example_inputs) first"
+        )
+    return model
+
+
+def example_inputs_of(model: nn.Module) -> tuple[Tensor, ...]:
+    """Random inputs of the shapes given to `insert_gates`, batch size 1."""
+    spec = require_gated(model).meta[META_KEY]["inputs"]
+    ref = next(model.parameters())
+    return tuple(
+        torch.randn(1, *s["shape"][1:], dtype=getattr(torch, s["dtype"]), device=ref.device)
+        for s in spec
+    )
+
+
+def gate_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, Gate]]:
+    """The graph's gate calls, in graph order."""
+    modules = dict(gm.named_modules())
+    return [
+        (n, modules[n.target])
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(modules.get(n.target), Gate)
+    ]
+
+
+def attr_name(name: str) -> str:
+    """A gate or block name as a module attribute name (no '.', '#' or '/')."""
+    return name.replace(".", "_").replace("#", "_").replace("/", "__")
