@@ -1,22 +1,21 @@
 """consensus-gates: find a consensus sub-network of a residual network in one training run,
 then cut it out for real.
 
-The pipeline (docs/architecture.md):
+The pipeline, as README's table and docs/architecture.md give it:
 
-1. `fx.tracing`, `fx.blocks`  trace the model with torch.fx; find residual branches and
-   channel points
-2. `fx.insert`     put gates on them (`insert_gates`, `GateConfig`); `gates` holds the gate
-   modules and their heads
-3. `losses`        polarization and activation regularizers
-4. `training`      the one-pass trainer (`train`, `TrainConfig`), data, checkpoints, plots
-5. `consensus`     read (or pin) the shared open/closed decision of each gate
-6. `fx.surgery`    cut closed branches, channels and all gates out (`materialize`)
-7. `saving`        save / load without pickle, and torch.export
-8. `bench`         latency, throughput and memory, slim against original
+1. trace            `fx.tracing`: torch.fx, with each node's shape
+2. find blocks      `fx.blocks`, `fx.positions`: residual branches and channel points
+3. insert gates     `fx.insert` (`insert_gates`, `GateConfig`), `fx.graph_module`
+                    (`GatedModel`), `gates` (gate modules and their heads)
+4. losses, training `losses` (polarization, activation); `training` (`train`, `TrainConfig`)
+5. consensus        `consensus`: read or pin each gate's shared decision
+6. surgery          `fx.surgery` (`materialize`): closed branches, channels and gates cut out
+7. save, export     `saving`: save / load without pickle, and torch.export
+8. cost, speed      `cost` (fvcore FLOPs), `bench` (latency, throughput, memory)
 
-Around it: `cost` (fvcore FLOPs), `models` (the zoo and `create_model`), `baselines` and
-`experiments` (comparisons with other pruning methods) and `cli` (the `cgates` command).
-The core (steps 1-3 and 5-7) imports none of training, bench, experiments or cli.
+Around it: `models` (the zoo, `create_model`), `experiments` and `baselines` (studies against
+other pruning methods) and `cli` (the `cgates` command). The core, everything but
+`training`, `bench`, `experiments`, `baselines` and `cli`, never imports those.
 """
 
 from .config import GateConfig
@@ -25,8 +24,9 @@ from .cost import Cost, branch_costs, flops, flops_ratio
 from .errors import DataError, InputError, ModelFileError, TracingError, TrainingDiverged
 from .fx.graph_module import GatedModel
 from .fx.insert import insert_gates
+from .fx.positions import register_position
 from .fx.surgery import materialize
-from .gates import ChannelGate, Gate, LayerGate
+from .gates import ChannelGate, Gate, LayerGate, register_head
 from .losses import activation_loss, gate_losses, polarization_loss
 from .models import create_model, list_models, register_model
 from .saving import export, load, save
@@ -78,7 +78,9 @@ __all__ = [
     "load",
     "materialize",
     "polarization_loss",
+    "register_head",
     "register_model",
+    "register_position",
     "save",
     "train",
     "unfix_decisions",

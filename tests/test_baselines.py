@@ -1,5 +1,5 @@
-"""The baselines of issue 6 on a tiny ResNet-20: naive weight and layer dropping, Torch-Pruning
-at a FLOPs target, and activation-density pruning during training."""
+"""The baselines on a tiny ResNet-20: naive weight and layer dropping, Torch-Pruning at a FLOPs
+target, and activation-density pruning during training."""
 
 from __future__ import annotations
 

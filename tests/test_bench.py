@@ -1,6 +1,7 @@
 """The timing core: one model in this process, and the process-isolated comparison."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ def test_measure_reports_consistent_numbers():
     assert 0 < m.median_ms <= m.p90_ms
     assert m.throughput == pytest.approx(4 / (m.median_ms / 1e3))
     assert m.energy_mj_per_image is None  # no NVML on a CPU
+    # a count of page faults over the 5 timed runs, per run
+    total = m.extra["page_faults_per_run"] * 5
+    assert math.isfinite(total) and total >= 0 and total == pytest.approx(round(total))
 
 
 @pytest.mark.parametrize(
@@ -142,7 +146,11 @@ def test_cgates_bench_json_schema_and_ratios(tmp_path):
     for m in rows.values():
         assert {"median_ms", "p90_ms", "throughput", "peak_memory_mb", "flops", "params"} <= set(m)
         assert m["threads"] == 1 and m["median_ms"] > 0
-        assert report["config"]["keep_freed_memory"] and m["extra"]["page_faults_per_run"] >= 0
+        assert report["config"]["keep_freed_memory"]
+        # a whole number of page faults over the 2 timed runs, per run
+        faults = m["extra"]["page_faults_per_run"]
+        assert isinstance(faults, float) and math.isfinite(faults) and faults >= 0
+        assert (faults * report["config"]["runs"]).is_integer()
         base = rows[("resnet20", m["batch"])]
         assert m["ratio"]["latency"] == pytest.approx(m["median_ms"] / base["median_ms"])
     x = torch.randn(1, 3, 32, 32)

@@ -90,3 +90,55 @@ def test_projection_shortcut_is_the_skip_not_the_branch():
     targets = {n.target for n in first.nodes if n.op == "call_module"}
     assert "layer1.0.conv3" in targets and "layer1.0.bn3" in targets
     assert not any(t.startswith("layer1.0.downsample") for t in targets)
+
+
+class _BlurPool(torch.nn.Module):
+    """A fixed-kernel anti-aliased downsampling, kept whole as a leaf module."""
+
+    def forward(self, x):
+        return torch.nn.functional.avg_pool2d(x, 2) * 1.0
+
+
+class _BlurShortcutNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.down = _BlurPool()
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.down(x) + torch.relu(self.conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.fixture
+def blur_as_shortcut():
+    from consensus_gates.fx import blocks
+
+    before = blocks.SHORTCUT.modules
+    blocks.register_op(_BlurPool, "shortcut")
+    yield
+    blocks.SHORTCUT.modules = before
+
+
+def test_a_registered_op_forms_a_shortcut(blur_as_shortcut):
+    model, x = randomize(_BlurShortcutNet()).eval(), torch.randn(2, 3, 16, 16)
+    gated = cg.insert_gates(model, x, leaf_modules=[_BlurPool])
+    assert list(gated.gates) == ["conv"]
+    slim = cg.materialize(gated, {"conv": False}).eval()
+    with torch.no_grad():
+        expected = model.head(model.down(model.stem(x)).mean((2, 3)))
+        assert rel_diff(slim(x), expected) <= 1e-6
+
+
+def test_an_unregistered_leaf_is_no_shortcut_and_bad_roles_are_refused():
+    with pytest.raises(ValueError, match="or a projection shortcut of it"):
+        cg.insert_gates(_BlurShortcutNet(), torch.randn(2, 3, 16, 16), leaf_modules=[_BlurPool])
+    from consensus_gates.fx.blocks import register_op
+
+    with pytest.raises(ValueError, match="roles from"):
+        register_op(_BlurPool, "shorcut")
+    with pytest.raises(TypeError, match="method name"):
+        register_op(3, "shortcut")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 from pathlib import Path
 
@@ -11,11 +13,13 @@ from click.testing import CliRunner
 
 import consensus_gates as cg
 from consensus_gates.cli import main
+from consensus_gates.cli.train import FieldOption, command_configs, train_command
 from consensus_gates.training.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
+from consensus_gates.training.config import TrainConfig
 
 from conftest import fake_fashion_mnist, rel_diff
 
@@ -192,3 +196,110 @@ def test_train_a_saved_model_file_and_refuse_a_slim_one(tmp_path):
     argv[1] = str(tmp_path / "slim.safetensors")
     argv[argv.index("--out") + 1] = str(tmp_path / "run2")  # run/ holds the run above
     assert "already a slim model" in _clean_failure(CliRunner().invoke(main, argv))
+
+
+# --------------------------------------------------------------------------------------
+# The recipe and gate options are the configs' fields
+# --------------------------------------------------------------------------------------
+
+
+def _field_options() -> dict[tuple[type, str], FieldOption]:
+    return {(p.config, p.field): p for p in train_command.params if isinstance(p, FieldOption)}
+
+
+def test_every_config_field_is_an_option_with_the_dataclass_default():
+    options = _field_options()
+    for config in (TrainConfig, cg.GateConfig):
+        for f in dataclasses.fields(config):
+            option = options.pop((config, f.name))
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            assert option.default == default, f.name
+            assert option.help, f"{config.__name__}.{f.name} has no docstring entry"
+    assert options == {}
+    # no option given: the configs are the dataclasses' own defaults
+    ctx = train_command.make_context("train", ["resnet20", "--data", "cifar10"])
+    assert command_configs(ctx) == (TrainConfig(), cg.GateConfig())
+
+
+def test_option_names_are_unique_and_the_old_ones_still_work():
+    names = [name for p in train_command.params for name in (*p.opts, *p.secondary_opts)]
+    assert len(names) == len(set(names))
+    for name in ("--epochs", "--lr", "--milestones", "--lambda-polar", "--polar-schedule",
+                 "--polar-steps", "--warmup-epochs", "--lambda-act", "--act-weight", "--target",
+                 "--target-kind", "--target-ramp", "--seed", "--no-progress", "--mode",
+                 "--position", "--head", "--fc-layers", "--momentum", "--weight-decay",
+                 "--controller-kp", "--controller-ki", "--tau", "--hidden", "--exclude",
+                 "--gate-momentum"):  # fmt: skip
+        assert name in names, name
+    help_text = CliRunner().invoke(main, ["train", "--help"]).output
+    assert "--gate-momentum" in help_text and "running open rate" in help_text
+
+
+def _configs(*args: str) -> tuple[TrainConfig, cg.GateConfig]:
+    return command_configs(train_command.make_context("train", ["m", "--data", "d", *args]))
+
+
+@pytest.mark.parametrize(
+    ("args", "train_changes", "gate_changes"),
+    [
+        (["--milestones", "2,3"], {"milestones": (2, 3)}, {}),
+        (["--milestones", "2", "--milestones", "3"], {"milestones": (2, 3)}, {}),
+        (["--milestones", ""], {"milestones": ()}, {}),
+        (["--milestones", "none", "--target", "0.5"], {"milestones": None, "target": 0.5}, {}),
+        (["--target", "None"], {"target": None}, {}),
+        (["--no-progress", "--epochs", "3"], {"progress": False, "epochs": 3}, {}),
+        (["--momentum", "0.5"], {"momentum": 0.5}, {}),
+        (["--gate-momentum", "none"], {}, {"momentum": None}),
+        (["--exclude", "layer1.*,layer2.0", "--exclude", "layer3.*"], {},
+         {"exclude": ("layer1.*", "layer2.0", "layer3.*")}),
+        (["--head", "gumbel", "--tau", "0.5", "--hidden", "8"], {},
+         {"head": "gumbel", "tau": 0.5, "hidden": 8}),
+    ],
+)  # fmt: skip
+def test_options_set_their_fields(args, train_changes, gate_changes):
+    train_config, gate_config = _configs(*args)
+    assert train_config == dataclasses.replace(TrainConfig(), **train_changes)
+    assert gate_config == dataclasses.replace(cg.GateConfig(), **gate_changes)
+
+
+def test_the_options_reach_the_run(tmp_path, monkeypatch):
+    """What the command trains with: the configs `train` gets, and those run.json keeps."""
+    fake_fashion_mnist(tmp_path / "data", n_train=8, n_test=4)
+    seen = {}
+
+    def fake_train(gated, train_loader, test_loader, config, **kwargs):
+        seen.update(gated=gated, config=config)
+        return []
+
+    monkeypatch.setattr(importlib.import_module("consensus_gates.cli.train"), "train", fake_train)
+    data = ["--data", "fashion_mnist", "--data-root", str(tmp_path / "data"), "--batch-size", "4"]
+    result, out = _train(tmp_path, *data, "--weight-decay", "0", "--tau", "2", "--exclude",
+                         "layer1.*", "--gate-momentum", "0.3")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert seen["config"] == TrainConfig(epochs=1, weight_decay=0.0, progress=False)
+    gates = seen["gated"].spec["config"]
+    assert (gates["tau"], gates["exclude"], gates["momentum"]) == (2.0, ("layer1.*",), 0.3)
+    assert len(seen["gated"].gates) == 6
+    assert not any(name.startswith("layer1") for name in seen["gated"].gates)
+    run = json.loads((out / "run.json").read_text())
+    assert run["train"]["weight_decay"] == 0.0 and run["train"]["momentum"] == 0.9
+    assert run["gates"] == json.loads(json.dumps(gates))
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--tau", "0"], "--tau"),
+        (["--hidden", "0"], "--hidden"),
+        (["--head", "nope"], "--head"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--milestones", "none", "--milestones", "3"], "--milestones"),
+        (["--target", "zero"], "--target"),
+    ],
+)
+def test_a_refused_value_is_one_line_naming_the_option(tmp_path, args, option):
+    result, out = _train(tmp_path, "--data", "fashion_mnist", *args)
+    output = _clean_failure(result, exit_code=2)  # before any data is read
+    (error,) = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert f"Invalid value for '{option}'" in error, error
+    assert not out.exists()

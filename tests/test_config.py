@@ -17,6 +17,8 @@ import consensus_gates as cg
      ({"fc_layers": True}, "fc_layers must be an integer, got True"),
      ({"exclude": [1]}, "exclude takes name patterns"),
      ({"head": "softmax"}, "head must be one of"),
+     ({"position": "inside"}, "position must be one of"),
+     ({"bernoulli_momentum": 0}, "bernoulli_momentum must be in"),
      ({"tau": 0}, "tau must be > 0")],  # fmt: skip
     ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(v),
 )

@@ -1,4 +1,4 @@
-"""Data sets written in their real on-disk formats, loaded through consensus_gates.data."""
+"""Data sets written in their real on-disk formats, loaded through consensus_gates.training.data."""
 
 from __future__ import annotations
 

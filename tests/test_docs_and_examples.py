@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +25,6 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd == ".venv/bin/python -m pytest"
     assert any(line.strip() == test_cmd for line in ci.splitlines())
-
-
-def test_readme_main_command_runs_the_demo():
-    main_cmd = _bash_blocks()[0]
-    assert main_cmd.strip().endswith(".venv/bin/cgates demo --data-root ../shared/data")
 
 
 @pytest.mark.slow
@@ -67,13 +63,25 @@ def test_quickstart_example_says_where_the_data_should_be(tmp_path):
     assert "FashionMNIST/raw" in run.stderr and "--data-root" in run.stderr
 
 
+def _readme_main_command() -> list[str]:
+    """README's main command after the set-up steps: the `cgates` call, as arguments."""
+    *setup, main = _bash_blocks()[0].strip().split("&&")
+    assert any("pip install -e ." in step for step in setup)
+    return shlex.split(main)
+
+
 @pytest.mark.slow
-def test_demo_end_to_end_on_a_small_setting(tmp_path):
-    """`cgates demo`: train, slim, bench in separate processes, report; files and numbers."""
+def test_readme_main_command_runs_the_demo_end_to_end(tmp_path):
+    """README's main command, with its own arguments, on a small fake Fashion-MNIST: train,
+    slim, bench in separate processes, report; files and numbers."""
+    program, command, *args = _readme_main_command()
+    assert (program, command) == (".venv/bin/cgates", "demo")
+    assert args[args.index("--data-root") + 1] == "../shared/data"
     root = fake_fashion_mnist(tmp_path / "data", n_train=256, n_test=128)
+    args[args.index("--data-root") + 1] = str(root)
     out = tmp_path / "demo"
     cmd = [
-        sys.executable, "-m", "consensus_gates.cli", "demo", "--data-root", str(root),
+        sys.executable, "-m", "consensus_gates.cli", command, *args,
         "--out", str(out), "--epochs", "1", "--subset", "128", "--rounds", "1", "--batch", "4",
         "--no-progress",
     ]  # fmt: skip
@@ -86,3 +94,58 @@ def test_demo_end_to_end_on_a_small_setting(tmp_path):
     assert report["max_rel_diff"] <= 1e-5 and report["latency_ratio"] > 0
     for name in ("checkpoint.pt", "metrics.jsonl", "gates.png", "slim.safetensors", "slim.pt2"):
         assert (out / name).is_file(), name
+
+
+def test_readme_pipeline_table_names_modules_that_exist():
+    table = README[README.index("## The pipeline"):].split("\n\n")[2]
+    rows = [line.split("|")[2] for line in table.splitlines()[2:]]
+    names = [n for row in rows for n in re.findall(r"`([a-z_/]+)`", row)]
+    assert len(names) >= 15
+    package = ROOT / "consensus_gates"
+    missing = [
+        n for n in names
+        if not (package / f"{n.rstrip('/')}.py").is_file()
+        and not (package / n / "__init__.py").is_file()
+    ]  # fmt: skip
+    assert missing == []
+
+
+@pytest.fixture
+def registries():
+    """Restore every registry the architecture page's examples add to."""
+    from consensus_gates.experiments.methods import METHODS
+    from consensus_gates.fx import blocks
+    from consensus_gates.fx.positions import POSITIONS
+    from consensus_gates.gates.heads import HEADS
+
+    saved = [(r, dict(r)) for r in (METHODS, POSITIONS, HEADS)]
+    tables = {role: (t.modules, set(t.functions), set(t.methods))
+              for role, t in blocks.OP_ROLES.items()}  # fmt: skip
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)
+    for role, (modules, functions, methods) in tables.items():
+        table = blocks.OP_ROLES[role]
+        table.modules, table.functions, table.methods = modules, functions, methods
+
+
+def test_architecture_page_examples_run(registries):
+    """docs/architecture.md's examples, as written: each registers its extension, and the
+    heads and positions ones gate a model with it."""
+    import consensus_gates as cg
+    from consensus_gates.experiments.methods import METHODS
+
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert len(blocks) == 5  # the model's path, then head, block pattern, position, method
+    namespace = {
+        "cg": cg, "model": cg.create_model("resnet20"), "x": torch.randn(2, 3, 16, 16),
+        "BlurPool": type("BlurPool", (torch.nn.Module,), {"forward": lambda self, t: t}),
+        "my_downsample_fn": lambda t: t[..., ::2, ::2],
+    }  # fmt: skip
+    for code in blocks[1:]:
+        namespace.pop("gated", None)
+        exec(compile(code, "docs/architecture.md", "exec"), namespace)
+    assert "my-method" in METHODS
+    assert cg.GateConfig(head="sigmoid_ste", position="first").position == "first"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,12 +12,19 @@ from click.testing import CliRunner
 
 from consensus_gates.cli import main
 from consensus_gates.experiments import (
+    METHODS,
     ConfigError,
+    MethodOptions,
+    MethodResult,
+    RunConfig,
     load_study,
+    register_method,
     run_study,
     time_study,
     write_summary,
 )
+from consensus_gates.experiments.methods.density import DensityOptions
+from consensus_gates.experiments.methods.torch_pruning import TorchPruningOptions
 from consensus_gates.experiments.summary import aggregate, load_results, pareto_figure
 
 from conftest import fake_fashion_mnist
@@ -85,7 +94,7 @@ density_scale = [0.8, 1.2]
     assert dense.epochs == dense.train.epochs == 3 and dense.target is None
     assert dense.gates.head == "gumbel"  # base applies to every run
     density = [r for r in study.runs if r.method == "density"]
-    assert [r.density_scale for r in density] == [0.8, 1.2]
+    assert [r.options.density_scale for r in density] == [0.8, 1.2]
     assert [r.run_id(1) for r in study.runs] == [
         "ours-0.4-s1", "ours-0.7-s1", "dense-s1", "density-scale-0.8-s1",
         "density-scale-1.2-s1",
@@ -112,12 +121,139 @@ density_scale = [0.8, 1.2]
         ('label = "ours"\ntargets = [0.5, 1.5]', r"run 'ours': target must be in \(0, 1\]"),
         ('label = "ours"\nlatency = { threads = 0 }',
          r"run 'ours' \[latency\]: threads must be >= 1"),
+        # a method's own keys: its options' fields, their types and their checks
+        ('label = "x"\nmethod = "tp-taylor"\nepochs = 2\ntarget = 0.5\nfinetune_epoch = 1',
+         r"run 'x': unknown key 'finetune_epoch' \(did you mean 'finetune_epochs'"),
+        ('label = "x"\nmethod = "tp-taylor"\nepochs = 2\ntarget = 0.5\nfinetune_lr = "a"',
+         r"run 'x': 'finetune_lr' must be a number, got 'a'"),
+        ('label = "x"\nmethod = "tp-taylor"\nepochs = 2\ntarget = 0.5\nextra_finetune_epochs = -1',
+         r"run 'x': extra_finetune_epochs must be >= 0, got -1"),
+        ('label = "ours"\nfinetune_epochs = 2',
+         r"run 'ours': unknown key 'finetune_epochs' for method 'gates' \(an option of "
+         r"tp-magnitude, tp-bn-scale, tp-taylor\)"),
+        ('label = "d"\nmethod = "density"\ndensity_scale = []',
+         r"run 'd': 'density_scale' must be a non-empty list of numbers"),
+        ('label = "d"\nmethod = "density"\ndensity_scale = [0.8, "x"]',
+         r"run 'd': 'density_scale' must be a number, got 'x'"),
+        ('label = "d"\nmethod = "density"\ndensity_every = 0',
+         r"run 'd': density_every must be >= 1, got 0"),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_file_the_run_and_the_key(tmp_path, runs, message):
     path = _study(tmp_path, f"\n[[runs]]\n{runs}\n")
     with pytest.raises(ConfigError, match=rf"^{path}: {message}"):
         load_study(path)
+
+
+def test_an_option_in_base_applies_to_the_runs_of_its_methods(tmp_path):
+    base = BASE.replace("epochs = 1", "epochs = 3\nfinetune_epochs = 2")
+    runs = '\n[[runs]]\nlabel = "ours"\n\n[[runs]]\nlabel = "tp"\nmethod = "tp-magnitude"\n'
+    runs += "target = 0.5\n"
+    ours, tp = load_study(_study(tmp_path, runs, base=base)).runs
+    assert ours.options == MethodOptions() and tp.options == TorchPruningOptions(2)
+    # the results record every method's options, at their defaults where they do not apply
+    assert (ours.as_record()["finetune_epochs"], tp.as_record()["finetune_epochs"]) == (1, 2)
+    assert list(tp.as_record())[12:19] == [
+        "target", "finetune_epochs", "extra_finetune_epochs", "finetune_lr", "density_every",
+        "density_scale", "gates"]  # fmt: skip
+    path = _study(tmp_path, runs, base=base.replace("finetune_epochs = 2", "finetune_epochs = 0.5"))
+    with pytest.raises(ConfigError, match=rf"^{path}: \[base\]: 'finetune_epochs' must be an int"):
+        load_study(path)
+
+
+BUILT_IN = {
+    "dense": MethodOptions,
+    "gates": MethodOptions,
+    "dropout": MethodOptions,
+    "layer-drop": MethodOptions,
+    "tp-magnitude": TorchPruningOptions,
+    "tp-bn-scale": TorchPruningOptions,
+    "tp-taylor": TorchPruningOptions,
+    "density": DensityOptions,
+}
+BAD_OPTIONS = {
+    TorchPruningOptions: [{"extra_finetune_epochs": -1}, {"finetune_lr": 0.0}],
+    DensityOptions: [{"density_every": 0}, {"density_scale": -0.5}],
+}
+
+
+def test_every_built_in_method_is_registered_with_its_options():
+    assert list(METHODS) == list(BUILT_IN)  # the order error messages list them in
+    for name, options in BUILT_IN.items():
+        method = METHODS[name]
+        assert (method.name, method.options) == (name, options)
+        assert method.target == ("refused" if name in ("dense", "density") else
+                                 "optional" if name == "gates" else "required")  # fmt: skip
+        if options is MethodOptions:
+            assert dataclasses.fields(options) == ()
+    for options, bad in BAD_OPTIONS.items():
+        for values in bad:
+            with pytest.raises(ValueError, match=f"{next(iter(values))} must be"):
+                options(**values)
+    run = {"label": "r", "model": "resnet20", "dataset": "fashion_mnist", "epochs": 2}
+    assert RunConfig(**run, method="density").options == DensityOptions()  # the defaults
+    with pytest.raises(ValueError, match="method 'density' takes DensityOptions options, got"):
+        RunConfig(**run, method="density", options=TorchPruningOptions())
+
+
+@dataclass(frozen=True)
+class SketchOptions(MethodOptions):
+    sketch_rounds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.sketch_rounds < 1:
+            raise ValueError(f"sketch_rounds must be >= 1, got {self.sketch_rounds}")
+
+
+@pytest.fixture
+def sketch():
+    """A method registered for one test, as a newcomer's file would, and removed after."""
+
+    @register_method("sketch", target="optional", options=SketchOptions)
+    def sketch(ctx):
+        return MethodResult(ctx.model, ctx.run.epochs)
+
+    try:
+        yield METHODS["sketch"]
+    finally:
+        del METHODS["sketch"]
+
+
+def test_a_registered_method_has_its_keys_checked_from_its_options(tmp_path, sketch):
+    runs = '\n[[runs]]\nlabel = "s"\nmethod = "sketch"\n'
+    (run,) = load_study(_study(tmp_path, runs + "sketch_rounds = 3\n")).runs
+    assert run.options == SketchOptions(3) and run.as_record()["sketch_rounds"] == 3
+    (run,) = load_study(_study(tmp_path, runs)).runs
+    assert run.options == SketchOptions()
+    for text, message in [
+        ("sketch_round = 3", r"unknown key 'sketch_round' \(did you mean 'sketch_rounds'"),
+        ("sketch_rounds = 1.5", r"'sketch_rounds' must be an integer, got 1.5"),
+        ("sketch_rounds = 0", r"sketch_rounds must be >= 1, got 0"),
+    ]:
+        path = _study(tmp_path, runs + text + "\n")
+        with pytest.raises(ConfigError, match=rf"^{path}: run 's': {message}"):
+            load_study(path)
+    path = _study(tmp_path, '\n[[runs]]\nlabel = "ours"\nsketch_rounds = 2\n')
+    with pytest.raises(ConfigError, match="unknown key 'sketch_rounds' for method 'gates'"):
+        load_study(path)
+    with pytest.raises(ValueError, match="'sketch' is registered already"):
+        register_method("sketch", target="optional")(lambda ctx: None)
+
+
+def test_register_method_refuses_options_it_cannot_check():
+    class Plain(MethodOptions):  # not a dataclass of its own: its fields would be unseen
+        rounds: int = 1
+
+    @dataclass(frozen=True)
+    class NoDefault(MethodOptions):
+        rounds: int
+
+    for options in (Plain, NoDefault, dict):
+        with pytest.raises(TypeError):
+            register_method("never", target="required", options=options)
+    with pytest.raises(ValueError, match="target must be"):
+        register_method("never", target="sometimes")
+    assert "never" not in METHODS
 
 
 def test_config_errors_outside_runs(tmp_path):

@@ -83,17 +83,17 @@ def _net(layout: str, *blocks: Block, cin: int = 4, head: bool = True) -> Net:
 
 # Every failure the fuzzer found, minimized; /tmp/fuzz_failures.md, fixed where noted.
 FOUND = {
-    "parallel branches behind an nn.Identity shortcut": Case(  # blocks.py
+    "parallel branches behind an nn.Identity shortcut": Case(  # fx/blocks.py
         _net("2d", Block(4, branches=(Branch(), Branch()), post_act=False), head=False)
     ),
-    "in-place ReLU after a closed merge whose input is concatenated": Case(  # surgery.py
+    "in-place ReLU after a closed merge whose input is concatenated": Case(  # fx/surgery.py
         _net("2d", Block(4, then="concat"), head=False)
     ),
-    "middle gate before an SE at the end of a branch": Case(  # blocks.py
+    "middle gate before an SE at the end of a branch": Case(  # fx/blocks.py
         _net("2d", Block(4, branches=(Branch(se="conv"),), post_act=False), head=False),
         mode="channel",
     ),
-    "middle gate before an SE read by a LayerNorm": Case(  # blocks.py
+    "middle gate before an SE read by a LayerNorm": Case(  # fx/blocks.py
         _net(
             "vec",
             Block(
@@ -105,13 +105,13 @@ FOUND = {
         mode="channel",
         whole=(True,),
     ),
-    "a 1-D PoolFormer branch: the layer gate read the length as channels": Case(  # insert.py
+    "a 1-D PoolFormer branch: the layer gate read the length as channels": Case(  # fx/insert.py
         _net("1d", Block(4, branches=(Branch("pool", norm="none"),), post_act=False), cin=1)
     ),
     "mode both, position before, conv1d: the layer gate read the length as channels": Case(
         _net("1d", Block(4), cin=1), mode="both", position="before"
-    ),  # insert.py
-    "after gates on two parallel branches of one sum": Case(  # surgery.py
+    ),  # fx/insert.py
+    "after gates on two parallel branches of one sum": Case(  # fx/surgery.py
         _net("2d", Block(4, branches=(Branch(), Branch()), shortcut="bare", merge="add")),
         mode="channel",
         position="after",
@@ -137,15 +137,15 @@ FOUND = {
         _net("2d", Block(4, branches=(Branch("inverted", 4, "gn", se="linear"),), post_act=False)),
         mode="channel",
     ),
-    "Linear on tokens then nn.ReLU(inplace=True)": Case(  # surgery.py
+    "Linear on tokens then nn.ReLU(inplace=True)": Case(  # fx/surgery.py
         _net("tok", Block(4, branches=(Branch("tokmix", 6, act="relu_", bias=True),))),
         mode="channel",
     ),
-    "out.add_(x) on a transposed token-mixing branch": Case(  # surgery.py
+    "out.add_(x) on a transposed token-mixing branch": Case(  # fx/surgery.py
         _net("tok", Block(4, branches=(Branch("tokmix", 4, preact=True),), merge="add_")),
         mode="channel",
     ),
-    "a size reference moved up twice for two dims of one constant": Case(  # fold.py
+    "a size reference moved up twice for two dims of one constant": Case(  # fx/fold.py
         _net("2d",
              Block(5, stride=2, branches=(Branch(preact=True, se="linear"),), shortcut="pad",
                    post_act=False),

@@ -1,4 +1,4 @@
-"""Generated spans in hand-written docs (`consensus_gates.reports`)."""
+"""Generated spans in hand-written docs (`consensus_gates.bench.reports`)."""
 
 from __future__ import annotations
 

@@ -317,13 +317,23 @@ def test_an_unknown_model_is_unknown_before_its_channels():
     [
         (["--subset", "0"], 2, "Invalid value for '--subset': 0 is not in the range x>=1"),
         (["--test-subset", "-3"], 2, "Invalid value for '--test-subset': -3 is not in the range"),
-        (["--warmup-epochs", "-2"], 2, "Invalid value for '--warmup-epochs': -2 is not in the"),
-        (["--milestones", "5,1"], 1, "milestones must be increasing epochs >= 1 such as (30, 60)"
-                                     ", got (5, 1)"),
-        (["--milestones", "0,3"], 1, "milestones must be increasing epochs >= 1"),
-        (["--polar-steps", "5"], 1, "polar_steps must be (a, b) with 0 <= a <= b, got (5,)"),
-        (["--lr", "nan"], 1, "lr must be a finite number, got nan"),
-        (["--lambda-polar", "inf"], 1, "lambda_polar must be a finite number, got inf"),
+        # the configs check their own fields: a usage error naming the option (exit 2)
+        (["--warmup-epochs", "-2"], 2, "Invalid value for '--warmup-epochs': warmup_epochs must "
+                                       "be >= 0, got -2"),
+        (["--milestones", "5,1"], 2, "Invalid value for '--milestones': milestones must be "
+                                     "increasing epochs >= 1 such as (30, 60), got (5, 1)"),
+        (["--milestones", "0,3"], 2, "milestones must be increasing epochs >= 1"),
+        (["--polar-steps", "5"], 2, "polar_steps must be (a, b) with 0 <= a <= b, got (5,)"),
+        (["--lr", "nan"], 2, "Invalid value for '--lr': lr must be a finite number, got nan"),
+        (["--lambda-polar", "inf"], 2, "lambda_polar must be a finite number, got inf"),
+        (["--lr-gamma", "0"], 2, "Invalid value for '--lr-gamma': lr must be > 0 and lr_gamma"),
+        (["--polar-schedule", "cosine"], 2, "Invalid value for '--polar-schedule': polar_schedule"
+                                            " must be one of"),
+        (["--head", "nope"], 2, "Invalid value for '--head': GateConfig.head"),
+        (["--tau", "0"], 2, "Invalid value for '--tau': GateConfig.tau must be > 0, got 0.0"),
+        (["--gate-momentum", "2"], 2, "Invalid value for '--gate-momentum': GateConfig.momentum"),
+        (["--weight-decay", "-1", "--lr", "nan"], 2, "Invalid value for '--lr' / "
+                                                     "'--weight-decay': lr must be a finite"),
     ],
 )  # fmt: skip
 def test_options_checked_before_the_data_is_read(tmp_path, args, code, message):

@@ -122,6 +122,21 @@ CASES = {
         _put("config", "momentum", 2.0),
         r"config\.momentum must be a finite number and > 0 and <= 1, got 2\.0",
     ),
+    "bernoulli-momentum": (
+        "gated",
+        _put("config", "bernoulli_momentum", 0),
+        r"config\.bernoulli_momentum must be a finite number and > 0 and <= 1, got 0",
+    ),
+    "head-unknown": (
+        "gated",
+        _put("config", "head", "softmax"),
+        r"config\.head must be one of 'ste', 'gumbel', 'bernoulli', got 'softmax'",
+    ),
+    "position-unknown": (
+        "gated",
+        _put("config", "position", "inside"),
+        r"config\.position must be one of 'middle', 'after', 'before', got 'inside'",
+    ),
     "exclude-string": (
         "gated",
         _put("config", "exclude", "layer1.*"),
@@ -219,6 +234,13 @@ def test_the_unedited_files_load(saved, tmp_path, kind):
     # the cases above fail because of their edit, not because of how they are written
     path = _write(saved[kind], tmp_path / "ok.safetensors", json.dumps(_spec(saved[kind])))
     assert cg.load(path).training is False
+
+
+def test_a_file_from_before_bernoulli_momentum_loads(saved, tmp_path):
+    spec = _spec(saved["gated"])
+    del spec["config"]["bernoulli_momentum"]
+    path = _write(saved["gated"], tmp_path / "old.safetensors", json.dumps(spec))
+    assert cg.load(path).spec["config"]["bernoulli_momentum"] == 0.1
 
 
 def test_rebuild_validates_a_spec_from_anywhere(saved):

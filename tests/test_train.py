@@ -8,6 +8,7 @@ import json
 import math
 import pickle
 import random
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import consensus_gates as cg
 from consensus_gates.cost import flops_ratio
 from consensus_gates.errors import ModelFileError, TrainingDiverged
+from consensus_gates.training import state as state_module
 from consensus_gates.training import trainer as train_module
 from consensus_gates.training.checkpoint import (
     load_checkpoint,
@@ -200,7 +202,7 @@ def test_resume_continues_exactly(tmp_path):
 def test_resume_test_notices_unrestored_rng(tmp_path, monkeypatch):
     """The equality above is not vacuous: without the saved RNG states the resumed epoch
     sees other batches and other noise."""
-    monkeypatch.setattr(train_module, "_set_rng_state", lambda state, loader: None)
+    monkeypatch.setattr(state_module, "_set_rng_state", lambda state, generator: None)
     straight, resumed, _, _ = _run_then_resume(tmp_path, epochs=2)
     assert resumed[0]["loss"] == straight[0]["loss"]  # epoch 1 comes from the checkpoint
     assert resumed[1]["loss"] != straight[1]["loss"]
@@ -349,10 +351,12 @@ def test_records_metrics_checkpoint_and_plots(tmp_path):
     gated = toy_gated()
     test_loader = DataLoader(TensorDataset(*toy_tensors(32, seed=1)), batch_size=32)
     lines: list[str] = []
+    began = time.time()
     records = train_module.train(
         gated, shuffled(Augmented()), test_loader, config(polar_schedule="constant"),
-        out_dir=tmp_path / "run", log=lines.append,
+        out_dir=tmp_path / "run", log=lines.append, epoch_end=lambda _m, _e: time.sleep(0.05),
     )  # fmt: skip
+    wall = time.time() - began
     out = tmp_path / "run"
     assert [json.loads(line) for line in (out / METRICS).read_text().splitlines()] == records
     assert len(records) == 2 and len(lines) == 2 and lines[1].startswith("epoch 2/2")
@@ -365,7 +369,10 @@ def test_records_metrics_checkpoint_and_plots(tmp_path):
         assert r["loss"]["total"] == pytest.approx(mix + r["lambda_act"] * r["loss"]["act"])
         assert r["r_polar"] == r["loss"]["polar"]
         assert list(r["open_rate"]) == list(gated.gates)
-        assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and r["seconds"] >= 0
+        assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1
+        assert r["seconds"] >= 0.05  # the epoch's time includes its epoch_end's sleep
+    # each epoch's time is its own: together, no more than the call took (to the rounding)
+    assert sum(r["seconds"] for r in records) <= wall + 0.005 * len(records)
     last = records[-1]
     assert last["test_acc"] == evaluate(gated, test_loader)
     assert last["open_ratio"] == cg.consensus(gated).open_ratio

@@ -6,9 +6,12 @@ sub-network at a matched FLOPs ratio.
 - `pruners`: Torch-Pruning's magnitude, BN-scale and Taylor pruners (`prune_to_flops`), for
   train, prune, fine-tune.
 - `density`: activation-density pruning during training (`DensityPruning`, an `epoch_end`
-  for `consensus_gates.train`).
+  for the trainer's `train`).
+- `space`: what the channel baselines may cut, the internal widths of the residual branches
+  (`inner_layers`).
 
-Fine-tuning a pruned model is `train(pruned, ...)`: the trainer takes plain models too.
+Fine-tuning a pruned model is `train(pruned, ...)`: the trainer takes plain models too. The
+study methods that run these at an equal budget are in `consensus_gates.experiments.methods`.
 """
 
 from .density import DensityPruning, activation_density

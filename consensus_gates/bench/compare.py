@@ -1,5 +1,13 @@
-"""Compare models: each timed in its own fresh process, in alternating order, and the ratios
-against a baseline."""
+"""Compare models fairly: `compare` times every (model, batch) pair with `measure` in a fresh
+Python process, alternating the order of the models from round to round (A B, B A, ...),
+and reports the median over rounds; `ratios` divides each result by a baseline's.
+
+Two models timed in one process interfere with each other (allocator, caches, thread pool),
+most on small shared machines. The worker each round starts is this module:
+``python -m consensus_gates.bench.compare JOB``, JOB a JSON object naming the model (a file
+or a name, `load_for_bench`), the input shape, the batch and the `BenchConfig`; it prints
+the `Measurement` as one JSON line.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +32,8 @@ def load_for_bench(
     ref: str | os.PathLike, model_args: Mapping[str, Any] | None = None
 ) -> nn.Module:
     """A model to time: a ``.pt2`` file (torch.export; refused if it holds pickles or code,
-    see `consensus_gates.pt2`), a ``.safetensors`` file written by `consensus_gates.save`, or
-    a zoo / torchvision name (`create_model`)."""
+    see `consensus_gates.saving.pt2`), a ``.safetensors`` file written by
+    `consensus_gates.save`, or a zoo / torchvision name (`create_model`)."""
     path = Path(ref)
     if path.suffix == ".pt2":
         from ..saving.pt2 import load_program
@@ -126,6 +134,7 @@ def ratios(results: Sequence[Measurement], baseline: str) -> dict[tuple[str, int
 
 
 def _worker_main(job: dict[str, Any]) -> None:
+    """One timing in this (fresh) process: load, measure, count FLOPs in the first round."""
     config = BenchConfig(**job["config"])
     model = load_for_bench(job["ref"], job["model_args"])
     shape = job["input_shape"]

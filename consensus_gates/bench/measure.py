@@ -1,9 +1,9 @@
-"""Step 8: measure what the surgery bought: latency, throughput, peak memory and FLOPs, plus
-energy per image on NVIDIA GPUs.
+"""Time one model in this process: latency (median and 90th percentile), throughput, the peak
+memory inference adds and, on NVIDIA GPUs, energy per image; `BenchConfig` says how.
 
-Two models timed in one process interfere with each other on small shared machines, so
-`compare` times every (model, batch) pair in a fresh process, alternating the order of the
-models from round to round (A B, B A, ...), and reports the median over rounds.
+What ran before in a process changes its timings, so comparisons go through `compare`,
+which calls `measure` in a fresh process per model and batch. `keep_freed_memory` makes
+glibc keep freed memory, as a CPU deployment with jemalloc or tcmalloc would run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .._utils import set_training
 
@@ -170,6 +170,83 @@ class _Energy:
         return self.read() if self.handle is not None else None
 
 
+class _PeakCuda:
+    """Peak CUDA memory allocated from now on, over what is allocated now."""
+
+    def __init__(self, device: torch.device) -> None:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        self.device, self.base = device, torch.cuda.memory_allocated(device)
+
+    def growth(self) -> float:
+        return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+
+
+def _prepare(model: nn.Module, config: BenchConfig) -> nn.Module:
+    """The process set up as `config` asks, and the model on its device and dtype, in eval
+    mode, channels-last and compiled if asked."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    if config.keep_freed_memory:
+        keep_freed_memory()
+    model = model.to(device=torch.device(config.device), dtype=DTYPES[config.dtype])
+    set_training(model, False)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if config.compile else model
+
+
+def _random_batches(input_shape: Sequence[int], batch: int, config: BenchConfig) -> list[Tensor]:
+    """`config.buffers` random batches, the same for every model (seed 0), on the device."""
+    image = config.channels_last and len(input_shape) == 3
+    fmt = torch.channels_last if image else torch.contiguous_format
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return [
+        torch.randn(batch, *input_shape, generator=gen)
+        .to(device=torch.device(config.device), dtype=DTYPES[config.dtype])
+        .contiguous(memory_format=fmt)
+        for _ in range(config.buffers)
+    ]
+
+
+def _cpu_ms(model: nn.Module, x: Tensor) -> float:
+    t0 = time.perf_counter()
+    model(x)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _cuda_ms(model: nn.Module, x: Tensor) -> float:
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+    begin.record()
+    model(x)
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end)
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """What the timed runs measured: each one's milliseconds, sorted; the energy they took
+    (None where it cannot be read) and the minor page faults they caused."""
+
+    times_ms: list[float]
+    energy_mj: float | None
+    page_faults: int
+
+
+def _timed_runs(model: nn.Module, inputs: list[Tensor], config: BenchConfig) -> _Runs:
+    """Warm-up runs, then `config.runs` timed ones, cycling over `inputs`."""
+    device = torch.device(config.device)
+    clock, energy = (_cuda_ms if device.type == "cuda" else _cpu_ms), _Energy(device)
+    for i in range(config.warmup):
+        model(inputs[i % len(inputs)])
+    start_energy, faults = energy(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = [clock(model, inputs[i % len(inputs)]) for i in range(config.runs)]
+    end_energy, faults = energy(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    spent = None if start_energy is None or end_energy is None else end_energy - start_energy
+    return _Runs(sorted(times), spent, faults)
+
+
 def measure(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -187,58 +264,14 @@ def measure(
     config = config or BenchConfig()
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    if config.keep_freed_memory:
-        keep_freed_memory()
-    device, dtype = torch.device(config.device), DTYPES[config.dtype]
-    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = model.to(device=device, dtype=dtype)
-    set_training(model, False)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if config.compile:
-        model = torch.compile(model)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    inputs = [
-        torch.randn(batch, *input_shape, generator=gen)
-        .to(device=device, dtype=dtype)
-        .contiguous(memory_format=fmt if len(input_shape) == 3 else torch.contiguous_format)
-        for _ in range(config.buffers)
-    ]
-    cuda = device.type == "cuda"
-    energy = _Energy(device)
-    # the baseline before the first forward: what inference itself needs, at this batch
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    rss = _PeakRss()
+    model = _prepare(model, config)
+    inputs = _random_batches(input_shape, batch, config)
+    # from before the first forward: what inference itself needs, at this batch
+    device = torch.device(config.device)
+    peak = _PeakCuda(device) if device.type == "cuda" else _PeakRss()
     with torch.inference_mode():
-        for i in range(config.warmup):
-            model(inputs[i % len(inputs)])
-        times, start_energy = [], energy()
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for i in range(config.runs):
-            x = inputs[i % len(inputs)]
-            if cuda:
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
-                begin.record()
-                model(x)
-                end.record()
-                end.synchronize()
-                times.append(begin.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                model(x)
-                times.append((time.perf_counter() - t0) * 1e3)
-        end_energy = energy()
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else rss.growth()
-    per_image = None
-    if start_energy is not None and end_energy is not None:
-        per_image = (end_energy - start_energy) / (config.runs * batch)
-    times.sort()
+        runs = _timed_runs(model, inputs, config)
+    times = runs.times_ms
     return Measurement(
         model=name,
         batch=batch,
@@ -247,9 +280,10 @@ def measure(
         threads=torch.get_num_threads(),
         median_ms=statistics.median(times),
         p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
-        peak_memory_mb=peak,
-        energy_mj_per_image=per_image,
+        peak_memory_mb=peak.growth(),
+        energy_mj_per_image=(
+            None if runs.energy_mj is None else runs.energy_mj / (config.runs * batch)
+        ),
         # memory the allocator had returned to the OS and touched again: `keep_freed_memory`
-        extra={"page_faults_per_run": faults / config.runs},
+        extra={"page_faults_per_run": runs.page_faults / config.runs},
     )
-

@@ -1,7 +1,8 @@
 """Experiments: reproduce the paper's studies and compare with baselines at equal budget.
 
 - `config`   a study read from TOML (`load_study`, `StudyConfig`, `RunConfig`)
-- `methods`  what each compared method does with the run's epochs (`METHODS`)
+- `methods`  what each compared method does with the run's epochs, one file each, in the
+             `METHODS` registry (`register_method`, each with its `MethodOptions`)
 - `runner`   every run × seed to one results JSON, resumable (`run_study`), each run
              checked before the first trains (`check_study`); timing apart, on a quiet
              machine (`time_study`)
@@ -12,7 +13,7 @@ From the command line: ``cgates experiment CONFIG --out DIR`` and
 """
 
 from .config import ConfigError, LatencyConfig, RunConfig, StudyConfig, load_study
-from .methods import METHODS
+from .methods import METHODS, Method, MethodOptions, MethodResult, RunContext, register_method
 from .runner import check_study, run_study, time_study
 from .summary import write_summary
 
@@ -20,10 +21,15 @@ __all__ = [
     "METHODS",
     "ConfigError",
     "LatencyConfig",
+    "Method",
+    "MethodOptions",
+    "MethodResult",
     "RunConfig",
+    "RunContext",
     "StudyConfig",
     "check_study",
     "load_study",
+    "register_method",
     "run_study",
     "time_study",
     "write_summary",

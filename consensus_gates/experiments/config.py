@@ -27,8 +27,12 @@
     gates = { head = "gumbel" }                 # deep-merged over [base]
     targets = [0.4, 0.6]                        # one run per FLOPs-ratio target
 
-A ``density`` run, which has no FLOPs target, may list ``density_scale = [0.8, 1.2]``
-instead: one run per scale.
+A method's own keys (``finetune_epochs`` of the torch-pruning methods, ``density_every`` and
+``density_scale`` of ``density``, ...) sit beside these: they are the fields of its options
+dataclass (see `methods`), checked against those fields' types. In ``[base]`` a key of any
+method may appear (it applies to the runs whose method has it); in a run, only a key of
+that run's method. A ``density`` run, which has no FLOPs target, may list
+``density_scale = [0.8, 1.2]`` instead: one run per scale (an option marked `SWEEP`).
 
 Every key is checked: an unknown one, a wrong type or a bad value raises `ConfigError` naming
 the file, the run and the key, so a typo cannot silently fall back to a default.
@@ -43,15 +47,16 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
+from .. import config as gate_config
 from ..bench.measure import BenchConfig
 from ..config import GateConfig
 from ..training.config import TrainConfig
-from .methods import METHODS
+from .methods import METHODS, Method, MethodOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -95,19 +100,16 @@ class RunConfig:
     """One row of a study, with one target: everything a method needs to train and prune.
 
     Attributes:
-        label: the row's name, shared by the runs a ``targets`` (or ``density_scale``) list
-            expands into.
+        label: the row's name, shared by the runs a ``targets`` list (or a swept option's,
+            such as ``density_scale``) expands into.
         method: a key of `METHODS`.
-        epochs: the training budget. Every method spends exactly this many epochs, except
-            that ``extra_finetune_epochs`` are added for the torch-pruning variants.
+        epochs: the training budget. Every method spends exactly this many epochs, unless
+            its options say otherwise (``extra_finetune_epochs`` of the torch-pruning
+            methods).
         target: the FLOPs ratio to reach (pruned / original): `TrainConfig.target` for our
             gates, the pruning target for the baselines.
-        finetune_epochs: torch-pruning methods: the part of `epochs` spent fine-tuning after
-            pruning (the rest is dense pretraining).
-        extra_finetune_epochs: torch-pruning methods: fine-tuning beyond the equal budget.
-        finetune_lr: the fine-tuning learning rate; None: ``train.lr * train.lr_gamma``.
-        density_every, density_scale: activation-density pruning: resize every that many
-            epochs, each layer to ``scale`` × its measured density × its width.
+        options: the method's own settings, an instance of its options class
+            (`Method.options`); None: that class's defaults.
         device: where to train (``"cpu"``, ``"cuda"``); latency is always measured on CPU.
         train: the recipe of the method's main training, with the run's ``epochs``; the
             methods set the target (ours) and the seed.
@@ -126,11 +128,7 @@ class RunConfig:
     workers: int = 0
     device: str = "cpu"
     target: float | None = None
-    finetune_epochs: int = 1
-    extra_finetune_epochs: int = 0
-    finetune_lr: float | None = None
-    density_every: int = 1
-    density_scale: float = 1.0
+    options: MethodOptions | None = None  # filled in: never None once built
     gates: GateConfig = field(default_factory=GateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
@@ -138,7 +136,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        rule = METHODS[self.method].target
+        method = METHODS[self.method]
+        if self.options is None:
+            object.__setattr__(self, "options", method.options())
+        rule = method.target
         if rule == "required" and self.target is None:
             raise ValueError(f"method {self.method!r} needs a FLOPs 'target' (or 'targets')")
         if rule == "refused" and self.target is not None:
@@ -151,22 +152,35 @@ class RunConfig:
             size = getattr(self, name)
             if size is not None and size < 1:
                 raise ValueError(f"{name} must be >= 1 (leave it out for every image), got {size}")
-        if self.method.startswith("tp-") and not 1 <= self.finetune_epochs < self.epochs:
+        if not isinstance(self.options, method.options):
             raise ValueError(
-                f"finetune_epochs must be between 1 and epochs - 1 = {self.epochs - 1} (the "
-                f"rest is pretraining), got {self.finetune_epochs}"
+                f"method {self.method!r} takes {method.options.__name__} options, got "
+                f"{type(self.options).__name__}"
             )
-        if self.extra_finetune_epochs < 0 or self.density_every < 1 or self.density_scale <= 0:
-            raise ValueError(
-                "extra_finetune_epochs must be >= 0, density_every >= 1, density_scale > 0"
-            )
+        self.options.check(self)
 
     @property
     def setting(self) -> str:
-        """What tells apart the runs of one label: the target, or a density run's scale."""
+        """What tells apart the runs of one label: the target, or what the options sweep (a
+        density run's scale)."""
         if self.target is not None:
             return f"{self.target:g}"
-        return f"scale {self.density_scale:g}" if self.method == "density" else ""
+        return self.options.setting
+
+    def as_record(self) -> dict[str, Any]:
+        """The run as its results file records it: every field, with the options flat among
+        them as a study names them (``finetune_epochs``, ``density_scale``). The options of
+        the other registered methods are there too, at their defaults, so that every record
+        has the same keys whatever its method."""
+        options: dict[str, Any] = {}
+        for method in METHODS.values():
+            options |= {k: v for k, v in dataclasses.asdict(method.options()).items()
+                        if k not in options}  # fmt: skip
+        options |= dataclasses.asdict(self.options)
+        record: dict[str, Any] = {}
+        for key, value in dataclasses.asdict(self).items():
+            record |= options if key == "options" else {key: value}
+        return record
 
     def run_id(self, seed: int) -> str:
         """The file name stem of this run's results for `seed`: label, setting, seed."""
@@ -210,14 +224,10 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "batch_size": (int,),
     "workers": (int,),
     "target": _NUMBER,
-    "finetune_epochs": (int,),
-    "extra_finetune_epochs": (int,),
-    "finetune_lr": _NUMBER,
-    "density_every": (int,),
 }
 _TABLES = {"gates": GateConfig, "train": TrainConfig, "latency": LatencyConfig}
-# all of them: the scalars, two that may list values (one run each), and the tables
-_RUN_KEYS = (*_SCALARS, "targets", "density_scale", "model_args", *_TABLES)
+# all but the methods' options: the scalars, targets (one run each), and the tables
+_RUN_KEYS = (*_SCALARS, "targets", "model_args", *_TABLES)
 _STUDY_KEYS = ("name", "title", "description", "seeds", "base", "runs")
 _REQUIRED = ("method", "model", "dataset", "epochs")
 # TrainConfig fields the runner fills in; set at the run level instead
@@ -274,21 +284,91 @@ def _describe(hint: Any, plural: bool = False) -> str:
     return words[hint][plural]
 
 
-def _check_keys(table: Mapping[str, Any], where: str, *, label: bool) -> None:
+class _Option(NamedTuple):
+    """A study key of a method's options: its type, whether a list sweeps it (one run per
+    value), and the methods that take it."""
+
+    hint: Any
+    sweep: bool
+    methods: tuple[str, ...]
+
+
+def _options(methods: Iterable[Method]) -> dict[str, _Option]:
+    """The study keys of the options of `methods`, from the fields of their options
+    dataclasses; where several methods take a key, the first gives its type."""
+    out: dict[str, _Option] = {}
+    for method in methods:
+        hints = typing.get_type_hints(method.options)
+        for f in dataclasses.fields(method.options):
+            if f.name in _RUN_KEYS:
+                raise TypeError(f"method {method.name!r}: option {f.name!r} is a run key")
+            hint, sweep, names = out.get(f.name, (hints[f.name], bool(f.metadata.get("sweep")), ()))
+            out[f.name] = _Option(hint, sweep, (*names, method.name))
+    return out
+
+
+def _method_of(entry: Mapping[str, Any], base: Mapping[str, Any]) -> Method | None:
+    """The registered method of a run entry; None if it names none (an error said later)."""
+    name = entry.get("method", base.get("method"))
+    return METHODS.get(name) if isinstance(name, str) else None
+
+
+def _check_option(value: Any, option: _Option, key: str, where: str) -> None:
+    values = value if option.sweep and isinstance(value, list) else [value]
+    if not values:
+        plural = _describe(option.hint, plural=True)
+        raise ConfigError(f"{where}: {key!r} must be a non-empty list of {plural}")
+    for v in values:
+        if not _fits(v, option.hint):
+            raise ConfigError(f"{where}: {key!r} must be {_describe(option.hint)}, got {v!r}")
+
+
+def _check_keys(
+    table: Mapping[str, Any], where: str, *, label: bool, method: Method | None = None
+) -> None:
+    """Check the keys of [base] (no `label`: options of any method) or of a run entry (the
+    options of its `method`; of any if it has none registered)."""
+    every = _options(METHODS.values())
+    own = every if method is None else _options([method])
+    generic = [k for k in _RUN_KEYS if label or k != "label"]
     for key, value in table.items():
-        if key not in _RUN_KEYS or (key == "label" and not label):
-            raise _unknown(key, [k for k in _RUN_KEYS if label or k != "label"], where)
-        if key in _SCALARS:
+        if key in own:
+            _check_option(value, own[key], key, where)
+        elif key in every:
+            methods = ", ".join(every[key].methods)
+            raise ConfigError(
+                f"{where}: unknown key {key!r} for method {method.name!r} (an option of {methods})"
+            )
+        elif key not in generic:
+            raise _unknown(key, [*generic, *own], where)
+        elif key in _SCALARS:
             _check_type(value, _SCALARS[key], key, where)
-        elif key == "targets" or key == "density_scale" and isinstance(value, list):
+        elif key == "targets":
             if not isinstance(value, list) or not value:
                 raise ConfigError(f"{where}: {key!r} must be a non-empty list of numbers")
             for v in value:
                 _check_type(v, _NUMBER, key, where)
-        elif key == "density_scale":
-            _check_type(value, _NUMBER, key, where)
         else:  # model_args and the sub-config tables
             _check_type(value, (dict,), key, where)
+
+
+def _option_values(merged: dict[str, Any], method: Method | None, where: str) -> list[dict]:
+    """Take every option key out of `merged`: the values of `method`'s own options, one dict
+    per run (a swept list gives one run per value). Other methods' keys come from [base],
+    for the runs of those methods: left out here."""
+    every = _options(METHODS.values())
+    own = _options([method]) if method is not None else {}
+    fixed, sweeps = {}, []
+    for key in [k for k in merged if k in every]:
+        value = merged.pop(key)
+        if key not in own:
+            continue
+        _check_option(value, own[key], key, where)  # a [base] value too, for this method
+        if own[key].sweep and isinstance(value, list):
+            sweeps.append([(key, v) for v in value])
+        else:
+            fixed[key] = tuple(value) if isinstance(value, list) else value
+    return [{**fixed, **dict(chosen)} for chosen in itertools.product(*sweeps)]
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -307,6 +387,9 @@ def _sub_config(cls: type, table: Mapping[str, Any], where: str, **filled: Any) 
     validation speak; TOML arrays become the tuples the dataclasses expect."""
     names = [f.name for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(cls)
+    if cls is GateConfig:  # names of registries: the names registered now
+        hints |= {"head": Literal[tuple(gate_config.HEADS)],
+                  "position": Literal[tuple(gate_config.POSITIONS)]}  # fmt: skip
     for key, value in table.items():
         if key in filled:  # only TrainConfig has fields the run fills in
             raise ConfigError(f"{where}: {key!r} is not set here: {_SET_BY_RUN[key]}")
@@ -329,19 +412,18 @@ def _build_runs(base: dict[str, Any], entry: Mapping[str, Any], where: str) -> l
     if "target" in merged and "targets" in merged:
         raise ConfigError(f"{where}: give 'target' or 'targets', not both")
     targets = merged.pop("targets", [merged.pop("target", None)])
-    scales = merged.pop("density_scale", 1.0)
-    scales = scales if isinstance(scales, list) else [scales]
-    if len(scales) > 1 and merged["method"] != "density":
-        raise ConfigError(f"{where}: a list of 'density_scale' values is for method 'density'")
+    method = METHODS.get(merged["method"])
+    settings = _option_values(merged, method, where)
     tables = {k: merged.pop(k, {}) for k in _TABLES}
     gates = _sub_config(GateConfig, tables["gates"], f"{where} [gates]")
     latency = _sub_config(LatencyConfig, tables["latency"], f"{where} [latency]")
     recipe = _sub_config(TrainConfig, tables["train"], f"{where} [train]",
                          epochs=merged["epochs"], target=None, seed=0)  # fmt: skip
     runs = []
-    for target, scale in itertools.product(targets, scales):
+    for target, values in itertools.product(targets, settings):
         try:
-            runs.append(RunConfig(**merged, target=target, density_scale=scale, gates=gates,
+            options = method.options(**values) if method is not None else None
+            runs.append(RunConfig(**merged, target=target, options=options, gates=gates,
                                   train=recipe, latency=latency))  # fmt: skip
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
@@ -369,7 +451,7 @@ def parse_study(data: Mapping[str, Any], source: str) -> StudyConfig:
         if not isinstance(entry, dict) or not isinstance(entry.get("label"), str):
             raise ConfigError(f"{source}: run {i} needs a 'label' (a string)")
         where = f"{source}: run {entry['label']!r}"
-        _check_keys(entry, where, label=True)
+        _check_keys(entry, where, label=True, method=_method_of(entry, base))
         if entry["label"] in {r.label for r in runs}:
             raise ConfigError(f"{where}: the label is used twice; labels must be unique")
         runs += _build_runs(base, entry, where)

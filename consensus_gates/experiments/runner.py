@@ -21,7 +21,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,7 @@ def run_one(
         export(final, x, ctx.work_dir / FINAL)  # to time now, or later with `time_study`
         if latency:
             record |= measure_latency(original, ctx.work_dir / FINAL, x, run.latency)
-    record["run"] = json.loads(json.dumps(asdict(run)))  # tuples as lists, as read back
+    record["run"] = json.loads(json.dumps(run.as_record()))  # tuples as lists, as read back
     record["torch"] = torch.__version__
     return record
 

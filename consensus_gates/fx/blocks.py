@@ -1,8 +1,10 @@
-"""Step 2: find residual merges in a traced graph.
+"""Step 2: find residual merges in a traced graph, and the channel points in their branches.
 
 A residual merge is a sum whose operands split, at the sum's immediate dominator S (the block
 input), into a shortcut (S itself, or a short projection of S) and one or more branches
 computed only from S. ../docs/block-finding.md lists the rules and the traps they avoid.
+Where channel gates go inside a branch is up to a `positions.ChannelPosition`, which reads
+the graph through `ChannelFacts`.
 """
 
 from __future__ import annotations
@@ -10,14 +12,44 @@ from __future__ import annotations
 import math
 import operator
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .positions import ChannelPoint, ChannelPosition, position_named
 from .tracing import input_placeholders
+
+
+@dataclass
+class OpTable:
+    """The ops that play one role in block finding, by how the graph calls them: module
+    types (`call_module`), functions (`call_function`) and method names (`call_method`)."""
+
+    modules: tuple[type[nn.Module], ...] = ()
+    functions: set = field(default_factory=set)
+    methods: set[str] = field(default_factory=set)
+
+    def matches(self, n: fx.Node, modules: dict[str, nn.Module]) -> bool:
+        if n.op == "call_module":
+            return isinstance(modules[n.target], self.modules)
+        if n.op == "call_method":
+            return n.target in self.methods
+        return n.op == "call_function" and n.target in self.functions
+
+    def add(self, op: type[nn.Module] | Callable | str) -> None:
+        if isinstance(op, str):
+            self.methods.add(op)
+        elif isinstance(op, type) and issubclass(op, nn.Module):
+            self.modules = (*self.modules, op)
+        elif callable(op):
+            self.functions.add(op)
+        else:
+            raise TypeError(f"an op is an nn.Module class, a function or a method name, not {op!r}")
+
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
@@ -41,13 +73,17 @@ POOL_MODULES = (
     nn.modules.pooling._LPPoolNd,
 )  # fmt: skip
 
-# Ops that mix information across channels, positions or tokens: a branch needs one.
-MIXING_FUNCTIONS = CONV_FUNCTIONS | POOL_FUNCTIONS | {
-    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.bilinear,
-    torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm, torch.addmm, torch.addbmm,
-    operator.matmul, F.scaled_dot_product_attention,
-}  # fmt: skip
-MIXING_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+# Ops that mix information across channels, positions or tokens: a branch needs one. A
+# module mixes too when it holds a weight matrix (conv, linear, attention).
+MIXING = OpTable(
+    modules=POOL_MODULES,
+    functions=CONV_FUNCTIONS | POOL_FUNCTIONS | {
+        F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.bilinear,
+        torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm, torch.addmm,
+        torch.addbmm, operator.matmul, F.scaled_dot_product_attention,
+    },
+    methods={"matmul", "bmm", "mm", "__matmul__"},
+)  # fmt: skip
 ELEMENTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
     torch.add, torch.sub, torch.mul, torch.div, torch.addcmul, torch.addcdiv, torch.where,
@@ -55,19 +91,21 @@ ELEMENTWISE_FUNCTIONS = {
 
 # What a projection shortcut may be made of: conv/linear, norm, pooling, resampling, padding,
 # slicing and reshaping (ResNet-B/D, CIFAR option A, GhostNet, RegNet, ...).
-SHORTCUT_MODULES = (
-    nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
-    nn.GroupNorm, nn.Identity, nn.Upsample, nn.Flatten, nn.modules.dropout._DropoutNd,
-    *POOL_MODULES,
+SHORTCUT = OpTable(
+    modules=(
+        nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+        nn.GroupNorm, nn.Identity, nn.Upsample, nn.Flatten, nn.modules.dropout._DropoutNd,
+        *POOL_MODULES,
+    ),
+    functions=CONV_FUNCTIONS | POOL_FUNCTIONS | {
+        F.pad, operator.getitem, torch.cat, torch.flatten, F.interpolate, F.batch_norm,
+        F.layer_norm, F.group_norm, F.pixel_unshuffle,
+    },
+    methods={
+        "view", "reshape", "permute", "transpose", "contiguous", "flatten", "to", "type_as",
+        "float", "half", "bfloat16", "expand", "repeat", "__getitem__",
+    },
 )  # fmt: skip
-SHORTCUT_FUNCTIONS = CONV_FUNCTIONS | POOL_FUNCTIONS | {
-    F.pad, operator.getitem, torch.cat, torch.flatten, F.interpolate, F.batch_norm,
-    F.layer_norm, F.group_norm, F.pixel_unshuffle,
-}  # fmt: skip
-SHORTCUT_METHODS = {
-    "view", "reshape", "permute", "transpose", "contiguous", "flatten", "to", "type_as",
-    "float", "half", "bfloat16", "expand", "repeat", "__getitem__",
-}  # fmt: skip
 MAX_SHORTCUT_OPS = 4
 
 
@@ -174,13 +212,11 @@ class _Graph:
     def mixes(self, n: fx.Node) -> bool:
         if n.op == "call_module":
             m = self.modules[n.target]
-            return isinstance(m, POOL_MODULES) or any(p.dim() >= 2 for p in m.parameters())
-        if n.op == "call_method":
-            return n.target in MIXING_METHODS
+            return isinstance(m, MIXING.modules) or any(p.dim() >= 2 for p in m.parameters())
+        if MIXING.matches(n, self.modules):
+            return True
         if n.op != "call_function":
             return False
-        if n.target in MIXING_FUNCTIONS:
-            return True
         # e.g. a wrapped attention function fed with a weight matrix
         return n.target not in ELEMENTWISE_FUNCTIONS and any(
             a.op == "get_attr" and _is_matrix(operator.attrgetter(a.target)(self.gm))
@@ -194,11 +230,7 @@ class _Graph:
         return n
 
     def shortcut_op(self, n: fx.Node) -> bool:
-        if n.op == "call_module":
-            return isinstance(self.modules[n.target], SHORTCUT_MODULES)
-        if n.op == "call_method":
-            return n.target in SHORTCUT_METHODS
-        return n.op == "call_function" and n.target in SHORTCUT_FUNCTIONS
+        return SHORTCUT.matches(n, self.modules)
 
 
 def _is_matrix(value: object) -> bool:
@@ -335,39 +367,50 @@ def _heaviest_child(g: _Graph, path: str, arm: set[fx.Node]) -> str:
 
 
 # Per-channel ops: channel c of the output depends on channel c of the input only.
-CHANNELWISE_MODULES = (
-    nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
-    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Identity,
-    nn.modules.dropout._DropoutNd,
+CHANNELWISE = OpTable(
+    modules=(
+        nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
+        nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh,
+        nn.Identity, nn.modules.dropout._DropoutNd,
+    ),
+    functions={
+        F.relu, torch.relu, F.relu6, F.hardtanh, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
+        torch.sigmoid, F.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.mish, F.dropout,
+    },
+    methods={"relu", "relu_", "sigmoid", "tanh"},
 )  # fmt: skip
-CHANNELWISE_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.hardtanh, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
-    torch.sigmoid, F.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.mish, F.dropout,
-}  # fmt: skip
-CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
 # Ops after which a zeroed channel is still zero (not BN, sigmoid or a conv with a bias).
-ZERO_KEEPING_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish,
-    nn.Hardtanh, nn.Identity, nn.Flatten, nn.modules.dropout._DropoutNd, *POOL_MODULES,
+ZERO_KEEPING = OpTable(
+    modules=(
+        nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU,
+        nn.Mish, nn.Hardtanh, nn.Identity, nn.Flatten, nn.modules.dropout._DropoutNd,
+        *POOL_MODULES,
+    ),
+    functions=POOL_FUNCTIONS | {
+        F.relu, torch.relu, F.relu6, F.hardtanh, F.gelu, F.silu, F.hardswish, torch.tanh,
+        F.leaky_relu, F.elu, F.mish, F.dropout, torch.flatten,
+    },
+    methods={"relu", "relu_", "tanh", "flatten"},
 )  # fmt: skip
-ZERO_KEEPING_FUNCTIONS = POOL_FUNCTIONS | {
-    F.relu, torch.relu, F.relu6, F.hardtanh, F.gelu, F.silu, F.hardswish, torch.tanh,
-    F.leaky_relu, F.elu, F.mish, F.dropout, torch.flatten,
+OP_ROLES = {
+    "shortcut": SHORTCUT, "mixing": MIXING, "channelwise": CHANNELWISE,
+    "zero_keeping": ZERO_KEEPING,
 }  # fmt: skip
-ZERO_KEEPING_METHODS = {"relu", "relu_", "tanh", "flatten"}
 
 
-@dataclass(frozen=True)
-class ChannelPoint:
-    """Where a channel gate goes: ``point``'s channels along ``channel_dim`` are masked for
-    ``users``; ``source`` is what the gate reads."""
+def register_op(op: type[nn.Module] | Callable | str, *roles: str) -> None:
+    """Teach block finding about an op: an `nn.Module` class (kept whole with
+    ``leaf_modules=[...]``), a function, or a method name.
 
-    name: str
-    point: fx.Node
-    source: fx.Node
-    users: tuple[fx.Node, ...]
-    channel_dim: int
-    groups: int = 1  # grouped convs touch it: one decision per position, shared by the groups
+    Roles: ``"shortcut"`` (it may form a projection shortcut), ``"mixing"`` (a branch made of
+    it is worth gating), ``"channelwise"`` (output channel c reads input channel c only: a
+    channel gate may sit before it) and ``"zero_keeping"`` (a zeroed channel stays zero).
+    """
+    unknown = [r for r in roles if r not in OP_ROLES]
+    if unknown or not roles:
+        raise ValueError(f"register_op takes roles from {sorted(OP_ROLES)}, got {roles!r}")
+    for role in roles:
+        OP_ROLES[role].add(op)
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -393,10 +436,8 @@ def layer_groups(m: nn.Module | None) -> int:
 def is_channelwise(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if n.op == "call_module":
         m = modules[n.target]
-        return isinstance(m, CHANNELWISE_MODULES) or _is_depthwise(m)
-    return (n.op == "call_function" and n.target in CHANNELWISE_FUNCTIONS) or (
-        n.op == "call_method" and n.target in CHANNELWISE_METHODS
-    )
+        return isinstance(m, CHANNELWISE.modules) or _is_depthwise(m)
+    return CHANNELWISE.matches(n, modules)
 
 
 def producer_chain(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
@@ -412,9 +453,18 @@ def producer_chain(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node
         node = node.args[0]
 
 
-class _ChannelFacts(_Graph):
+class ChannelFacts(_Graph):
+    """What a `ChannelPosition` asks about a traced graph to find its channel points."""
+
     def module(self, n: fx.Node) -> nn.Module | None:
         return self.modules.get(n.target) if n.op == "call_module" else None
+
+    def is_dense(self, n: fx.Node) -> bool:
+        """`n` calls a conv or linear whose channels can be cut (`is_dense_layer`)."""
+        return is_dense_layer(self.module(n))
+
+    def producer_chain(self, n: fx.Node) -> list[fx.Node] | None:
+        return producer_chain(n, self.modules)
 
     def channelwise(self, n: fx.Node) -> bool:
         return is_channelwise(n, self.modules)
@@ -450,13 +500,13 @@ class _ChannelFacts(_Graph):
         flatten, or a product with a value computed from `point` (an SE scale)."""
         m = self.module(n)
         if m is not None:
-            return isinstance(m, ZERO_KEEPING_MODULES) or (_is_depthwise(m) and m.bias is None)
+            return isinstance(m, ZERO_KEEPING.modules) or (_is_depthwise(m) and m.bias is None)
         if n.op == "call_method":
-            return n.target in ZERO_KEEPING_METHODS
+            return n.target in ZERO_KEEPING.methods
         if n.op != "call_function":
             return False
         factors = [a for a in n.args if a is not via]
-        return n.target in ZERO_KEEPING_FUNCTIONS or (
+        return n.target in ZERO_KEEPING.functions or (
             n.target in (operator.mul, torch.mul)
             and all(isinstance(a, fx.Node) and a in self.data and self.dominates(point, a)
                     for a in factors)
@@ -480,42 +530,14 @@ class _ChannelFacts(_Graph):
         return ndim - 1 if isinstance(self.module(layer), nn.Linear) else 1
 
 
-def _relative(target: str, block: str) -> str:
-    prefix = block.split("#")[0] + "."
-    return target[len(prefix) :] if target.startswith(prefix) else target
-
-
 def find_channel_points(
-    gm: fx.GraphModule, branches: list[Branch], position: str, num_inputs: int = 1
+    gm: fx.GraphModule,
+    branches: list[Branch],
+    position: str | ChannelPosition,
+    num_inputs: int = 1,
 ) -> dict[str, list[ChannelPoint]]:
-    """Channel-gate points of each branch (see `GateConfig.position`); blocks where no point
-    can be cut exactly get none."""
-    g = _ChannelFacts(gm, num_inputs)
-    found: dict[str, list[ChannelPoint]] = {}
-    for b in branches:
-        points: list[ChannelPoint] = []
-        if position == "middle":
-            for node in sorted(b.nodes, key=g.order.__getitem__):
-                if not is_dense_layer(g.module(node)):
-                    continue
-                end = g.chain_end(node, b.nodes)
-                readers = None if end is b.output else g.dense_readers(end, end, b.nodes)
-                if readers:
-                    dim = g.channel_dim(node, len(end.meta["cg_shape"]))
-                    name = f"{b.name}/{_relative(node.target, b.name)}"
-                    groups = g.groups(node, *readers)
-                    points.append(ChannelPoint(name, end, end, tuple(end.users), dim, groups))
-        elif position == "after":
-            chain = producer_chain(b.output, g.modules)
-            if chain is not None and set(chain) <= b.nodes:
-                dim = g.channel_dim(chain[-1], len(b.output.meta["cg_shape"]))
-                name, groups = f"{b.name}/after", g.groups(chain[-1])
-                points.append(ChannelPoint(name, b.output, b.output, (b.merge,), dim, groups))
-        else:
-            users = tuple(u for u in b.input.users if u in b.nodes)
-            if users and all(is_dense_layer(g.module(u)) for u in users):
-                dim = g.channel_dim(users[0], len(b.input.meta["cg_shape"]))
-                name, groups = f"{b.name}/before", g.groups(*users)
-                points.append(ChannelPoint(name, b.input, b.input, users, dim, groups))
-        found[b.name] = points
-    return found
+    """Channel-gate points of each branch at `position` (a `positions.POSITIONS` name, see
+    `GateConfig.position`); blocks where no point can be cut exactly get none."""
+    where = position_named(position) if isinstance(position, str) else position
+    facts = ChannelFacts(gm, num_inputs)
+    return {b.name: where.find(facts, b) for b in branches}

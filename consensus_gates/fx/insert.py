@@ -1,9 +1,11 @@
-"""Step 3: `insert_gates` puts a `LayerGate` on every residual branch of a traced model."""
+"""Step 3: `insert_gates` traces a model and gates it: a `LayerGate` on each residual branch
+(``mode="layer"``), `ChannelGate`s at the branch's channel points (``"channel"``), or both."""
 
 from __future__ import annotations
 
 import fnmatch
 import operator
+from typing import Any
 
 import torch.fx as fx
 from torch import Tensor, nn
@@ -12,15 +14,9 @@ from .._utils import unwrap
 from ..config import GateConfig
 from ..gates.modules import ChannelGate, Gate, LayerGate
 from ..models.registry import SOURCE_ATTR
-from .blocks import (
-    POOL_MODULES,
-    Branch,
-    ChannelPoint,
-    find_blocks,
-    find_channel_points,
-    is_channelwise,
-)
+from .blocks import POOL_MODULES, Branch, Rejected, find_blocks, find_channel_points, is_channelwise
 from .graph_module import GATES_ATTR, META_KEY, GatedModel, attr_name
+from .positions import ChannelPoint
 from .tracing import LeafSpec, as_input_tuple, record_shapes, trace
 
 CHANNEL_FIRST = (
@@ -38,7 +34,8 @@ def insert_gates(
     """Trace `model` with torch.fx and gate every residual branch.
 
     The model itself is not modified: the result is a traced copy in which each residual
-    merge computes ``skip + g(x) * branch``, ``g`` being a per-sample binary gate. With all
+    merge computes ``skip + g(x) * branch``, ``g`` being a per-sample binary gate (with
+    ``GateConfig(mode="channel")``, per-channel gates inside the branch instead). With all
     gates open it computes exactly what the original does.
 
     Args:
@@ -54,14 +51,32 @@ def insert_gates(
         TracingError: torch.fx cannot trace a module (the message names it).
         InputError: `example_inputs` does not fit the model.
     """
-    model = unwrap(model)
-    if isinstance(model, GatedModel):
-        raise ValueError("this model already has gates; call insert_gates on the original model")
+    model = _ungated(model)
     config = config or GateConfig()
     inputs = as_input_tuple(example_inputs)
     gm, user_leaves = trace(model, leaf_modules)
     record_shapes(gm, inputs)
     branches, rejected = find_blocks(gm, num_inputs=len(inputs))
+    branches = _not_excluded(model, branches, rejected, config)
+    points = _channel_points(model, gm, branches, config, len(inputs))
+    _gate_branches(gm, branches, points, config)
+    gated = GatedModel(gm, gm.graph, class_name=f"Gated{type(model).__name__}")
+    _match(gated, model, inputs)
+    gated.meta[META_KEY] = _meta(model, inputs, config, user_leaves, rejected)
+    return gated
+
+
+def _ungated(model: nn.Module) -> nn.Module:
+    model = unwrap(model)
+    if isinstance(model, GatedModel):
+        raise ValueError("this model already has gates; call insert_gates on the original model")
+    return model
+
+
+def _not_excluded(
+    model: nn.Module, branches: list[Branch], rejected: list[Rejected], config: GateConfig
+) -> list[Branch]:
+    """The branches `config.exclude` leaves; ValueError, with what was refused, if none."""
     branches = [b for b in branches if not any(fnmatch.fnmatch(b.name, p) for p in config.exclude)]
     if not branches:
         why = "".join(f"\n  - {r.node} in '{r.module}': {r.reason}" for r in rejected)
@@ -75,37 +90,67 @@ def insert_gates(
                 else ""
             )
         )
+    return branches
 
-    points = {}
-    if config.mode != "layer":
-        points = find_channel_points(gm, branches, config.position, len(inputs))
-        if config.mode == "channel" and not any(points.values()):
-            raise ValueError(
-                f"no channel of {type(model).__name__} can be gated at position="
-                f"'{config.position}' and cut exactly (a dense conv or linear must produce or "
-                "consume it); try another position, or mode='layer'"
-            )
+
+def _channel_points(
+    model: nn.Module, gm: fx.GraphModule, branches: list[Branch], config: GateConfig, n: int
+) -> dict[str, list[ChannelPoint]]:
+    """Each branch's channel points at `config.position`; none in mode "layer"."""
+    if config.mode == "layer":
+        return {}
+    points = find_channel_points(gm, branches, config.position, n)
+    if config.mode == "channel" and not any(points.values()):
+        raise ValueError(
+            f"no channel of {type(model).__name__} can be gated at position="
+            f"'{config.position}' and cut exactly (a dense conv or linear must produce or "
+            "consume it); try another position, or mode='layer'"
+        )
+    return points
+
+
+def _gate_branches(
+    gm: fx.GraphModule,
+    branches: list[Branch],
+    points: dict[str, list[ChannelPoint]],
+    config: GateConfig,
+) -> None:
+    """Put each branch's gates into the graph, registered under ``gm.gate_modules`` branch by
+    branch: its channel gates, then its layer gate."""
     gates = nn.Module()
     gm.add_module(GATES_ATTR, gates)
     for b in branches:
         output = b.output
-        # made first: it reads the layout off the branch's first layers, which a "before"
-        # channel gate then reads through its mask
+        # made first: it reads the layout off the branch's first layers, which a channel
+        # gate on the block input then reads through its mask
         layer = _make_gate(gm, b, config) if config.mode != "channel" else None
         for p in points.get(b.name, []):
             gate = _make_channel_gate(p, b.name, config)
             masked = _wire_channel(gm.graph, p, _register(gates, gate))
-            if p.point is output:  # an "after" gate: the layer gate scales the masked output
+            if p.point is output:  # on the branch output: the layer gate scales the masked one
                 output = masked
         if layer is not None:
             _wire(gm.graph, b, _register(gates, layer), output)
     gm.graph.lint()
-    gated = GatedModel(gm, gm.graph, class_name=f"Gated{type(model).__name__}")
 
+
+def _match(gated: GatedModel, model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+    """The gates on the model's device and dtype, and the model's train or eval mode."""
     ref = next((t for t in model.parameters()), inputs[0])
+    gates = getattr(gated, GATES_ATTR)
     gates.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     gated.train(model.training)
-    gated.meta[META_KEY] = {
+
+
+def _meta(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    config: GateConfig,
+    user_leaves: list[str],
+    rejected: list[Rejected],
+) -> dict[str, Any]:
+    """What `GatedModel.spec` reports and `save` writes: how the model was made."""
+    return {
         "kind": "gated",
         "source": getattr(model, SOURCE_ATTR, None),
         "inputs": [
@@ -115,7 +160,6 @@ def insert_gates(
         "leaf_modules": user_leaves,
         "rejected": [r.__dict__ for r in rejected],
     }
-    return gated
 
 
 def _feature_dim(gm: fx.GraphModule, b: Branch, ndim: int) -> int | None:
@@ -196,4 +240,3 @@ def _wire(graph: fx.Graph, b: Branch, target: str, output: fx.Node) -> None:
     with graph.inserting_before(b.merge):
         scaled = graph.call_function(operator.mul, (output, g))
     b.merge.replace_input_with(output, scaled)
-

@@ -18,6 +18,7 @@ from ..gates.modules import ChannelGate, LayerGate
 from .blocks import producer_chain
 from .fold import fold_closed_points
 from .graph_module import META_KEY, attr_name, example_inputs_of, gate_nodes, require_gated
+from .positions import position_named
 from .tracing import eliminate_dead_code, is_inplace
 
 if TYPE_CHECKING:
@@ -184,44 +185,30 @@ def _drop_redundant_relus(graph: fx.Graph, modules: dict[str, nn.Module]) -> Non
 
 
 def _cut_channels(work: fx.GraphModule, decisions: Mapping, inputs) -> None:
-    """Channel surgery, after the layer gates are gone: torch-pruning removes each partly
-    closed middle group with everything coupled to it; "after" keeps the add exact with
-    ``index_add``; "before" reads the kept channels with ``index_select``. A fully closed
-    "after" gate drops its branch; a fully closed middle or before one becomes zeros,
-    folded into constants once the channels are cut (so the constants have the cut
-    widths)."""
-    graph, modules = work.graph, dict(work.named_modules())
-    groups, zeros = [], []
+    """Channel surgery, after the layer gates are gone. Each gate's position cuts its point
+    (`positions`): "middle" has torch-pruning remove the group with everything coupled to it,
+    "after" keeps the add exact with ``index_add``, "before" reads the kept channels with
+    ``index_select``. A fully closed "after" gate drops its branch; a fully closed middle or
+    before one becomes zeros, folded into constants once the channels are cut (so the
+    constants have the cut widths)."""
+    modules = dict(work.named_modules())
+    groups: list[tuple[nn.Module, list[int]]] = []
+    zeros: list[fx.Node] = []
     for node, gate in gate_nodes(work):
         if not isinstance(gate, ChannelGate):
             continue
-        (masked,) = node.users  # mul(point, gate), built by insert_gates
-        point, keep = masked.args[0], gate.channel_decisions(decisions[gate.name])
-        closed = [i for i, k in enumerate(keep) if not k]
-        if not closed:
-            masked.replace_all_uses_with(point)
-        elif len(closed) == len(keep) and gate.position == "after":
-            _drop_operand(graph, masked)  # the whole branch goes, as with a layer gate
-        elif len(closed) == len(keep):
-            with graph.inserting_before(masked):
-                zeros.append(graph.call_function(operator.mul, (point, 0.0)))
-            masked.replace_all_uses_with(zeros[-1])
-        elif gate.position == "middle":
-            masked.replace_all_uses_with(point)
-            groups.append((modules[producer_chain(point, modules)[-1].target], closed))
-        elif gate.position == "after":
-            for n in producer_chain(point, modules):
-                if n.op == "call_module":
-                    pruning().prune_channels(modules[n.target], closed, "out")
-            _scatter_into_skip(work, masked, point, gate, keep)
+        keep = gate.channel_decisions(decisions[gate.name])
+        cut = ChannelCut(work, modules, node, gate, keep)
+        position = position_named(gate.position)
+        if not cut.closed:
+            cut.bypass()
+        elif len(cut.closed) == len(cut.keep):
+            position.cut_closed(cut)
         else:
-            for user in list(masked.users):
-                pruning().prune_channels(modules[user.target], closed, "in")
-            kept = _index_buffer(work, gate, keep)
-            with graph.inserting_before(masked):
-                selected = graph.call_function(torch.index_select, (point, gate.channel_dim, kept))
-            masked.replace_all_uses_with(selected)
-    eliminate_dead_code(graph)
+            position.cut_partly(cut)
+        groups += cut.groups
+        zeros += cut.zeros
+    eliminate_dead_code(work.graph)
     work.recompile()
     if groups:
         dg = _dependency_graph(work, inputs)
@@ -229,7 +216,75 @@ def _cut_channels(work: fx.GraphModule, decisions: Mapping, inputs) -> None:
             pruning().cut_out_channels(dg, module, closed)
     if zeros:
         fold_closed_points(work, zeros, inputs)
-        eliminate_dead_code(graph)
+        eliminate_dead_code(work.graph)
+
+
+class ChannelCut:
+    """The edits a `ChannelPosition` makes to cut one channel gate out of the graph: its
+    mask ``masked = point * gate(source)`` and the channels it closed (``closed``, indices
+    into ``keep``, one bool per channel)."""
+
+    def __init__(
+        self,
+        work: fx.GraphModule,
+        modules: dict[str, nn.Module],
+        node: fx.Node,
+        gate: ChannelGate,
+        keep: tuple[bool, ...],
+    ):
+        self.work, self.modules, self.gate, self.keep = work, modules, gate, tuple(keep)
+        (self.masked,) = node.users  # mul(point, gate), built by insert_gates
+        self.point: fx.Node = self.masked.args[0]
+        self.closed = [i for i, k in enumerate(self.keep) if not k]
+        self.groups: list[tuple[nn.Module, list[int]]] = []  # cut later, with their dependents
+        self.zeros: list[fx.Node] = []  # fully closed points, folded later
+
+    def readers(self) -> list[fx.Node]:
+        """The nodes that read the masked channels."""
+        return list(self.masked.users)
+
+    def producer_chain(self) -> list[fx.Node]:
+        """The point, then the per-channel ops before it, up to the layer that makes it."""
+        return producer_chain(self.point, self.modules)
+
+    def bypass(self) -> None:
+        """The readers take the point unmasked."""
+        self.masked.replace_all_uses_with(self.point)
+
+    def zero(self) -> None:
+        """The readers take ``point * 0``, folded into constants after the channel cuts."""
+        with self.work.graph.inserting_before(self.masked):
+            self.zeros.append(self.work.graph.call_function(operator.mul, (self.point, 0.0)))
+        self.masked.replace_all_uses_with(self.zeros[-1])
+
+    def drop_branch(self) -> None:
+        """The mask is a residual add's operand: the add becomes its other operand."""
+        _drop_operand(self.work.graph, self.masked)
+
+    def cut_with_dependents(self, producer: fx.Node) -> None:
+        """After every gate is cut, torch-pruning removes the closed output channels of the
+        layer `producer` calls, and with them everything coupled to them."""
+        self.groups.append((self.modules[producer.target], self.closed))
+
+    def prune(self, node: fx.Node, side: str) -> None:
+        """Cut the closed channels of the module `node` calls, its outputs (`side` "out") or
+        inputs ("in"), and nothing else; a function call has none."""
+        if node.op == "call_module":
+            pruning().prune_channels(self.modules[node.target], self.closed, side)
+
+    def scatter_into_skip(self) -> None:
+        """The residual add of the (cut) point becomes ``skip.index_add(dim, kept, point)``."""
+        _scatter_into_skip(self.work, self.masked, self.point, self.gate, self.keep)
+
+    def select_kept(self) -> None:
+        """The readers take ``point.index_select(dim, kept)``."""
+        kept = _index_buffer(self.work, self.gate, self.keep)
+        graph = self.work.graph
+        with graph.inserting_before(self.masked):
+            selected = graph.call_function(
+                torch.index_select, (self.point, self.gate.channel_dim, kept)
+            )
+        self.masked.replace_all_uses_with(selected)
 
 
 def _dependency_graph(work: fx.GraphModule, inputs) -> tp.DependencyGraph:
@@ -295,11 +350,11 @@ def _other_operand(add: fx.Node, operand: fx.Node) -> fx.Node:
 
 
 def _is_after_mask(n, modules: dict[str, nn.Module]) -> bool:
-    """``branch * gate(...)`` of an "after" channel gate not cut yet."""
+    """``branch * gate(...)`` of a channel gate on an add's operand ("after"), not cut yet."""
     gate = n.args[1] if isinstance(n, fx.Node) and n.target is operator.mul else None
     return (
         isinstance(gate, fx.Node)
         and gate.op == "call_module"
         and isinstance(modules.get(gate.target), ChannelGate)
-        and modules[gate.target].position == "after"
+        and position_named(modules[gate.target].position).masks_merge_operand
     )

@@ -8,13 +8,15 @@ and can be pinned to fixed decisions.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from ..config import GateConfig
 from .heads import make_head
+
+if TYPE_CHECKING:
+    from ..config import GateConfig
 
 
 class Gate(nn.Module):
@@ -164,7 +166,7 @@ class ChannelGate(Gate):
         units = channels // groups
         super().__init__(name, channels, units, channel_dim, out_ndim, fc_layers, config)
         self.channel_dim = channel_dim
-        self.position = position  # "middle", "after" or "before": how surgery cuts it
+        self.position = position  # a `fx.positions.POSITIONS` name: how surgery cuts it
         self.block = block  # the residual branch it belongs to
         self.groups = groups
 

@@ -216,7 +216,7 @@ def load(
 ) -> nn.Module:
     """Rebuild a model saved by `save`, without unpickling anything or downloading.
 
-    The spec is validated (`consensus_gates.spec`), then the architecture is replayed from
+    The spec is validated (`consensus_gates.saving.spec`), then the architecture is replayed from
     it: `create_model` (or the `model` you pass, an instance of the original architecture,
     for models outside the registry), then `insert_gates` and `materialize` as recorded.
     Then the weights are loaded strictly.

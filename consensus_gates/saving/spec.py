@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..config import HEADS, MODES, POSITIONS
+from ..config import MODES
 from ..errors import ModelFileError
+from ..fx.positions import POSITIONS
+from ..gates.heads import HEADS
 
 FORMAT = "consensus-gates"
 VERSION = 1
@@ -53,6 +55,16 @@ def one_of(*values: Any) -> Check:
     def check(v: Any, field: str) -> None:  # `type(v) is type(x)`: True must not pass for 1
         ok = any(type(v) is type(x) and v == x for x in values)
         _expect(ok, field, f"one of {', '.join(map(repr, values))}", v)
+
+    return check
+
+
+def registered(registry: Mapping[str, Any]) -> Check:
+    """One of the names in `registry` at the time of the check, so that a head or position
+    registered after this module was imported is accepted too."""
+
+    def check(v: Any, field: str) -> None:
+        one_of(*registry)(v, field)
 
     return check
 
@@ -167,14 +179,15 @@ SOURCE = struct({"name": string, "kwargs": _kwargs})
 INPUT = struct({"shape": _shape, "dtype": one_of(*INPUT_DTYPES)})
 CONFIG_FIELDS = {  # GateConfig's fields; GateConfig itself checks the rest on construction
     "mode": one_of(*MODES),
-    "position": one_of(*POSITIONS),
+    "position": registered(POSITIONS),
     "fc_layers": one_of(1, 2),
-    "head": one_of(*HEADS),
+    "head": registered(HEADS),
     "hidden": integer(1, MAX_HIDDEN),
     "tau": number(0, low_open=True),
     "init_bias": number(),
     "momentum": nullable(number(0, 1, low_open=True)),
     "exclude": list_of(string, 10_000),
+    "bernoulli_momentum": number(0, 1, low_open=True),  # optional: older files lack it
 }
 _COMMON = {
     "format": one_of(FORMAT),

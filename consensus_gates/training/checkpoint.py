@@ -24,10 +24,11 @@ FORMAT = "consensus-gates-checkpoint"
 VERSION = 1
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, **state: Any) -> None:
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, /, **state: Any) -> None:
     """Write the model (spec and weights: a gated model, or a plain one `save` can describe)
-    and `state` (optimizer, scheduler, RNG, records...: tensors, numbers, strings and
-    containers of them) atomically."""
+    and `state` (tensors, numbers, strings and containers of them) atomically. `train` gives
+    its `RunState.state_dict()`: the model's weights (the same as `model`'s), optimizer,
+    scheduler, RNG states, records..."""
     model = unwrap(model)
     payload = {
         "format": FORMAT,

@@ -23,14 +23,22 @@ class TrainConfig:
     5e-4, learning rate divided by 10 at each milestone, the "λ↑" schedule).
 
     Attributes:
+        epochs: how many epochs to train (a resumed run trains up to this many in all).
+        lr: SGD's initial learning rate.
+        momentum: SGD's momentum.
+        weight_decay: SGD's weight decay (an L2 penalty on every parameter, gates too).
         milestones: epochs at which the learning rate is multiplied by `lr_gamma`; None: at
             1/2 and 3/4 of the epochs.
+        lr_gamma: the factor the learning rate is multiplied by at each milestone.
+        lambda_polar: the weight of the polarization loss, as `polar_schedule` applies it.
         polar_schedule: λ_polar over epochs. ``"constant"``: `lambda_polar` throughout;
             ``"step"`` (paper's λ↑): 0 until epoch a, `lambda_polar` until b, then 1.5 ×
             `lambda_polar` (0, 2, 3 with the default 2); ``"warmup"``: rises linearly from
             0 to `lambda_polar` over `warmup_epochs`.
         polar_steps: (a, b) for ``"step"``; None: the paper's 125 and 190 of 300 epochs,
             scaled to `epochs`.
+        warmup_epochs: the epochs over which ``"warmup"`` raises λ_polar.
+        lambda_act: λ_act, the weight of the activation loss; not used with a `target`.
         act_weight: ``"flops"`` weighs each gate by the FLOPs it controls, ``"uniform"``
             counts gates equally (eq. 10).
         target: a sparsity target. With ``target_kind="flops"``, the sub-network's FLOPs as
@@ -38,11 +46,18 @@ class TrainConfig:
             A PI controller then sets λ_act after every step (from 0, within
             ±`lambda_act_max`; `lambda_act` is not used), following a setpoint that moves
             from 1 to the target over the first `target_ramp` of the steps.
-        target_ramp: None: three quarters of the epochs before λ_polar first rises above 0
-            (a quarter of the training if it never is 0). Polarized gates stop learning (an
-            STE passes no gradient far from 0), so the ramp should end before they polarize.
+        target_kind: what `target` is a fraction of: ``"flops"``, the original FLOPs, or
+            ``"open"``, the gate units.
         controller_kp, controller_ki: the controller's proportional gain and its integral
             gain per step (`SparsityController`).
+        target_ramp: the share of the steps over which the controller's setpoint moves from
+            1 to `target`; None: three quarters of the epochs before λ_polar first rises
+            above 0 (a quarter of the training if it never is 0). Polarized gates stop learning (an
+            STE passes no gradient far from 0), so the ramp should end before they polarize.
+        lambda_act_max: the bound on λ_act that the controller keeps within, either sign.
+        seed: seeds the torch and Python RNGs when training starts (a resumed run restores
+            its saved RNG states instead).
+        progress: show a progress bar of each epoch's steps (on rank 0).
     """
 
     epochs: int = 10

@@ -1,10 +1,16 @@
-"""Step 4b: train weights and gates together in one pass (paper §4.1).
+"""Step 4: train weights and gates together in one pass (paper §4.1).
 
 The loss is ``task + λ_polar · polarization_loss + λ_act · activation_loss``, with SGD and a
 multi-step learning rate; a plain model without gates trains on the task loss alone. `train`
 writes one JSON line per epoch, an atomic checkpoint that `--resume` continues exactly, and the
 gates.png / curves.png plots. Under torchrun it trains with DistributedDataParallel; the gate
 statistics are global (see `polarization_loss`).
+
+`train` is a list of named steps: `_set_up` (check, claim the output folder, wrap for DDP),
+`RunState.start` (optimizer, scheduler, controller), `_resume_or_seed`, then per epoch
+`_train_epoch` (its `_train_step`s) and `_end_epoch` (the `epoch_end` callback, the
+record with its evaluation, the checkpoint, metrics and plots). What changes as it trains is
+the `RunState`, which is what the checkpoint holds.
 
     torchrun --nproc_per_node 2 -m consensus_gates.cli train resnet20 --data fashion_mnist ...
 """
@@ -16,9 +22,8 @@ import math
 import random
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -39,9 +43,9 @@ from ..losses import gate_losses
 from ..saving.files import model_spec
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
-from .controller import SparsityController
 from .plots import plot_curves, plot_gates
 from .runs import CHECKPOINT, METRICS, _claim, check_folder, check_resume
+from .state import RunState
 
 
 def _distributed() -> tuple[int, int]:
@@ -65,28 +69,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
     finally:
         model.train(was_training)
     return correct / max(total, 1)
-
-
-def _rng_state(loader: DataLoader) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if loader.generator is not None:
-        state["loader"] = loader.generator.get_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], loader: DataLoader) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "loader" in state and loader.generator is not None:
-        loader.generator.set_state(state["loader"])
-
-
-def _as_tuple(v: Any) -> Any:
-    return tuple(_as_tuple(x) for x in v) if isinstance(v, list | tuple) else v
 
 
 def train(
@@ -142,9 +124,57 @@ def train(
         TrainingDiverged: the loss became NaN or infinite; the checkpoint of the last good
             epoch is kept.
     """
+    run = _set_up(model, config or TrainConfig(), out_dir, device, resume, overwrite, log)
+    state = RunState.start(run.model, run.config, train_loader, identity)
+    _resume_or_seed(run, state, resume)
+    for epoch in range(state.epoch, run.config.epochs):
+        stats = _train_epoch(run, state, train_loader, epoch)
+        _end_epoch(run, state, stats, test_loader, epoch_end)
+    return state.records
+
+
+@dataclass(eq=False)
+class _Run:
+    """What one `train` call works with beside its `RunState`: set up once, never saved."""
+
+    model: nn.Module
+    gated: GatedModel | None  # `model`, if it has gates
+    config: TrainConfig
+    device: torch.device
+    out: Path | None
+    rank: int
+    world: int
+    net: nn.Module  # what is called: `model`, in DistributedDataParallel under torchrun
+    log: Callable[[str], None]
+
+
+@dataclass(eq=False)
+class _Epoch:
+    """One epoch's training: its settings and the sums of what its steps measured."""
+
+    index: int  # 0-based
+    lr: float  # what this epoch trains with
+    lambda_polar: float
+    began: float = field(default_factory=time.time)
+    # summed over the steps: the loss, task, polar and act losses, the correct predictions
+    # and the samples
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(6, dtype=torch.float64))
+    steps: int = 0
+
+
+def _set_up(
+    model: nn.Module,
+    config: TrainConfig,
+    out_dir: str | Path | None,
+    device: str | torch.device | None,
+    resume: bool,
+    overwrite: bool,
+    log: Callable[[str], None],
+) -> _Run:
+    """Check the request, claim the output folder (before the first epoch, not after it),
+    move the model to its device and wrap it for DDP."""
     model = unwrap(model)
     gated = model if isinstance(model, GatedModel) else None
-    config = config or TrainConfig()
     if gated is None and config.target is not None:
         raise ValueError(
             f"config.target={config.target} needs gates to reach it; a plain "
@@ -158,116 +188,152 @@ def train(
         raise ValueError("resume=True needs the out_dir of the run to continue")
     if resume and overwrite:
         raise ValueError("resume=True continues the run in out_dir, overwrite=True replaces it")
-    if out is not None:  # fail now, not after the first epoch
+    if out is not None:
         _require_spec(model, "out_dir needs a checkpoint of the model")
         _claim(check_folder(out), resume, overwrite, rank)
     net = _wrap(model, device, world)
-    opt = _sgd(model, config, config.lr)
-    sched = MultiStepLR(opt, config.lr_milestones(), config.lr_gamma)
-    controller = None
-    if config.target is not None:
-        controller = SparsityController(gated, config, config.epochs * len(train_loader))
-    lam_act, records, start = (config.lambda_act if controller is None else 0.0), [], 0
-    if resume:
-        ckpt = check_resume(out, model, config, identity)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"], train_loader)
-        lam_act, records, start = ckpt["lambda_act"], list(ckpt["records"]), ckpt["epoch"]
-        sched.milestones = Counter(config.lr_milestones())  # `epochs` may have grown
-        if controller is not None:
-            controller.load_state_dict(ckpt["controller"])
-        if rank == 0:
-            log(f"resumed from {out / CHECKPOINT} after epoch {start}")
-    else:
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
+    return _Run(model, gated, config, device, out, rank, world, net, log)
 
-    for epoch in range(start, config.epochs):
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        lam_polar, lr = config.lambda_polar_at(epoch), opt.param_groups[0]["lr"]
-        net.train()
-        began, sums, steps = time.time(), torch.zeros(6, dtype=torch.float64), 0
-        no_gates = torch.zeros((), device=device)
-        bar = tqdm(
-            train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-            disable=not config.progress or rank != 0, file=sys.stderr,
-        )  # fmt: skip
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = net(x)
-            task = F.cross_entropy(logits, y)
-            polar, act = (
-                gate_losses(gated, weight=config.act_weight)
-                if gated is not None
-                else (no_gates, no_gates)
-            )
-            loss = task + lam_polar * polar + lam_act * act
-            correct = (logits.argmax(1) == y).sum().to(loss.dtype)
-            # one device sync per step: the loss parts and the hits, as float64 on the CPU
-            values = torch.stack([loss, task, polar, act, correct]).detach().double().cpu()
-            total, task_v, polar_v, act_v = values[:4].tolist()
-            if not math.isfinite(total):
-                last = (
-                    f"{out / CHECKPOINT} (epoch {records[-1]['epoch']})"
-                    if out is not None and records
-                    else "none (no epoch finished)"
-                )
-                raise TrainingDiverged(
-                    f"the loss became {total} at epoch {epoch + 1}, step {steps + 1} "
-                    f"(task {task_v:.4g}, R_polar {polar_v:.4g}, R_act "
-                    f"{act_v:.4g}); the last good checkpoint is {last}. Lower the learning "
-                    "rate or the λs, then --resume or start again."
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if controller is not None:
-                lam_act = controller.step()
-            sums[:5] += values
-            sums[5] += len(y)
-            steps += 1
-            if steps % 20 == 0:
-                bar.set_postfix(loss=f"{total:.3f}", polar=f"{polar_v:.3f}")
-        sched.step()
-        if epoch_end is not None and epoch_end(model, epoch):
-            if out is not None:
-                _require_spec(model, f"epoch_end changed the model after epoch {epoch + 1}")
-            opt, sched = _rebuilt(model, config, opt, sched)
-            net = _wrap(model, device, world)
-        if world > 1:
-            sums = sums.to(device)
-            dist.all_reduce(sums)
-            sums = sums.cpu()
-        total, task, polar, act = (sums[:4] / (steps * world)).tolist()
-        record = _record(gated, epoch, lr, lam_polar, lam_act, (total, task, polar, act))
-        record["train_acc"] = sums[4].item() / max(sums[5].item(), 1)
-        record["test_acc"] = (
-            evaluate(model, test_loader, device) if test_loader is not None and rank == 0 else None
+
+def _resume_or_seed(run: _Run, state: RunState, resume: bool) -> None:
+    """Continue from the checkpoint in ``run.out`` (the same run, `check_resume` says), or
+    seed a fresh run."""
+    if not resume:
+        torch.manual_seed(run.config.seed)
+        random.seed(run.config.seed)
+        return
+    state.load_state_dict(check_resume(run.out, run.model, run.config, state.identity))
+    if run.rank == 0:
+        run.log(f"resumed from {run.out / CHECKPOINT} after epoch {state.epoch}")
+
+
+def _train_epoch(run: _Run, state: RunState, loader: DataLoader, epoch: int) -> _Epoch:
+    """Train one epoch (0-based `epoch`), then step the learning rate schedule."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    stats = _Epoch(epoch, state.optimizer.param_groups[0]["lr"], run.config.lambda_polar_at(epoch))
+    run.net.train()
+    bar = tqdm(
+        loader, desc=f"epoch {epoch + 1}/{run.config.epochs}", leave=False,
+        disable=not run.config.progress or run.rank != 0, file=sys.stderr,
+    )  # fmt: skip
+    for x, y in bar:
+        values = _train_step(run, state, stats, x, y)
+        stats.sums[:5] += values
+        stats.sums[5] += len(y)
+        stats.steps += 1
+        if stats.steps % 20 == 0:
+            bar.set_postfix(loss=f"{values[0].item():.3f}", polar=f"{values[2].item():.3f}")
+    state.scheduler.step()
+    return stats
+
+
+def _train_step(run: _Run, state: RunState, stats: _Epoch, x, y) -> torch.Tensor:
+    """One SGD step on a batch (and one controller step); return its loss, task, polar and
+    act losses and correct predictions, as float64 on the CPU: one device sync per step."""
+    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    logits = run.net(x)
+    task = F.cross_entropy(logits, y)
+    if run.gated is not None:
+        polar, act = gate_losses(run.gated, weight=run.config.act_weight)
+    else:
+        polar = act = torch.zeros((), device=run.device)
+    loss = task + stats.lambda_polar * polar + state.lambda_act * act
+    correct = (logits.argmax(1) == y).sum().to(loss.dtype)
+    values = torch.stack([loss, task, polar, act, correct]).detach().double().cpu()
+    _check_finite(run, state, stats, values)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    if state.controller is not None:
+        state.lambda_act = state.controller.step()
+    return values
+
+
+def _check_finite(run: _Run, state: RunState, stats: _Epoch, values: torch.Tensor) -> None:
+    """Raise `TrainingDiverged` if this step's loss is NaN or infinite."""
+    total, task, polar, act = values[:4].tolist()
+    if math.isfinite(total):
+        return
+    last = (
+        f"{run.out / CHECKPOINT} (epoch {state.epoch})"
+        if run.out is not None and state.records
+        else "none (no epoch finished)"
+    )
+    raise TrainingDiverged(
+        f"the loss became {total} at epoch {stats.index + 1}, step {stats.steps + 1} "
+        f"(task {task:.4g}, R_polar {polar:.4g}, R_act {act:.4g}); the last good checkpoint "
+        f"is {last}. Lower the learning rate or the λs, then --resume or start again."
+    )
+
+
+def _end_epoch(
+    run: _Run,
+    state: RunState,
+    stats: _Epoch,
+    test_loader: DataLoader | None,
+    epoch_end: Callable[[nn.Module, int], bool] | None,
+) -> None:
+    """The `epoch_end` callback, then evaluate and record the epoch; on rank 0, log it and
+    write the checkpoint, metrics and plots."""
+    if epoch_end is not None and epoch_end(run.model, stats.index):
+        _parameters_replaced(run, state, stats.index)
+    record = _record(run, state, stats, test_loader)
+    state.records.append(record)
+    state.epoch = record["epoch"]
+    if run.rank == 0:
+        run.log(_summary(record, run.config.epochs))
+        if run.out is not None:
+            _write_outputs(run.out, state)
+    if run.world > 1:
+        dist.barrier()
+
+
+def _parameters_replaced(run: _Run, state: RunState, epoch: int) -> None:
+    """`epoch_end` replaced the model's parameters: a new optimizer, and a new DDP wrapper."""
+    if run.out is not None:
+        _require_spec(run.model, f"epoch_end changed the model after epoch {epoch + 1}")
+    state.rebuild_optimizer()
+    run.net = _wrap(run.model, run.device, run.world)
+
+
+def _record(
+    run: _Run, state: RunState, stats: _Epoch, test_loader: DataLoader | None
+) -> dict[str, Any]:
+    """The epoch's record: its mean losses over all processes, the gates, the accuracies."""
+    sums = stats.sums
+    if run.world > 1:
+        sums = sums.to(run.device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    total, task, polar, act = (sums[:4] / (stats.steps * run.world)).tolist()
+    record = {
+        "epoch": stats.index + 1,
+        "lr": stats.lr,
+        "lambda_polar": None,
+        "lambda_act": None,
+        "loss": {"total": total, "task": task, "polar": polar, "act": act},
+        "r_polar": None,
+        "open_rate": None,
+        "open_ratio": None,
+        "flops_ratio": None,
+    }
+    if run.gated is not None:
+        c = consensus(run.gated)
+        record.update(
+            lambda_polar=stats.lambda_polar,
+            lambda_act=state.lambda_act,
+            r_polar=polar,
+            open_rate={n: list(r) if isinstance(r, tuple) else r for n, r in c.open_rate.items()},
+            open_ratio=c.open_ratio,
+            flops_ratio=flops_ratio(run.gated, c),
         )
-        record["seconds"] = round(time.time() - began, 2)
-        records.append(record)
-        if rank == 0:
-            log(_summary(record, config.epochs))
-            if out is not None:
-                _write_outputs(
-                    out,
-                    model,
-                    records,
-                    opt,
-                    sched,
-                    train_loader,
-                    lam_act,
-                    config,
-                    controller.state_dict() if controller is not None else None,
-                    identity,
-                )
-        if world > 1:
-            dist.barrier()
-    return records
+    record["train_acc"] = sums[4].item() / max(sums[5].item(), 1)
+    evaluated = test_loader is not None and run.rank == 0
+    record["test_acc"] = evaluate(run.model, test_loader, run.device) if evaluated else None
+    record["seconds"] = round(time.time() - stats.began, 2)
+    return record
 
 
 def _require_spec(model: nn.Module, why: str) -> None:
@@ -287,53 +353,6 @@ def _wrap(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     )
 
 
-def _sgd(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(
-        model.parameters(), lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-
-
-def _rebuilt(
-    model: nn.Module, config: TrainConfig, opt: torch.optim.SGD, sched: MultiStepLR
-) -> tuple[torch.optim.SGD, MultiStepLR]:
-    """An optimizer over `model`'s new parameters at `opt`'s learning rate, and a scheduler
-    that continues `sched`'s milestones (momentum buffers belong to the old parameters)."""
-    new_opt = _sgd(model, config, opt.param_groups[0]["lr"])
-    new_sched = MultiStepLR(new_opt, config.lr_milestones(), config.lr_gamma)
-    new_sched.load_state_dict(sched.state_dict())
-    for new, old in zip(new_opt.param_groups, opt.param_groups, strict=True):
-        # the constructor's first step would apply a milestone at epoch 0 once more
-        new["lr"], new["initial_lr"] = old["lr"], old["initial_lr"]
-    return new_opt, new_sched
-
-
-def _record(gated, epoch, lr, lam_polar, lam_act, losses) -> dict[str, Any]:
-    total, task, polar, act = losses
-    record = {
-        "epoch": epoch + 1,
-        "lr": lr,  # what this epoch trained with
-        "lambda_polar": None,
-        "lambda_act": None,
-        "loss": {"total": total, "task": task, "polar": polar, "act": act},
-        "r_polar": None,
-        "open_rate": None,
-        "open_ratio": None,
-        "flops_ratio": None,
-    }
-    if gated is None:
-        return record
-    c = consensus(gated)
-    return {
-        **record,
-        "lambda_polar": lam_polar,
-        "lambda_act": lam_act,
-        "r_polar": polar,
-        "open_rate": {n: list(r) if isinstance(r, tuple) else r for n, r in c.open_rate.items()},
-        "open_ratio": c.open_ratio,
-        "flops_ratio": flops_ratio(gated, c),
-    }
-
-
 def _summary(r: dict[str, Any], epochs: int) -> str:
     loss, test = r["loss"], f"{r['test_acc']:.4f}" if r["test_acc"] is not None else "-"
     regularizers = size = ""
@@ -349,26 +368,12 @@ def _summary(r: dict[str, Any], epochs: int) -> str:
     )
 
 
-def _write_outputs(
-    out, model, records, opt, sched, loader, lam_act, config, control, identity
-) -> None:
+def _write_outputs(out: Path, state: RunState) -> None:
+    """The checkpoint (exactly `RunState.state_dict`), metrics.jsonl and the plots."""
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(
-        out / CHECKPOINT,
-        model,
-        epoch=records[-1]["epoch"],  # epochs completed
-        optimizer=opt.state_dict(),
-        scheduler=sched.state_dict(),
-        rng=_rng_state(loader),
-        lambda_act=lam_act,
-        controller=control,
-        records=records,
-        train_config=json.dumps(asdict(config)),
-        identity=json.dumps(identity),
-    )
+    save_checkpoint(out / CHECKPOINT, state.model, **state.state_dict())
     with atomic_path(out / METRICS) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    if isinstance(model, GatedModel):
-        plot_gates(records, out / "gates.png")
-    plot_curves(records, out / "curves.png")
-
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in state.records))
+    if isinstance(state.model, GatedModel):
+        plot_gates(state.records, out / "gates.png")
+    plot_curves(state.records, out / "curves.png")
