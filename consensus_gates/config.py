@@ -2,7 +2,7 @@
 
 The names it accepts for ``head`` and ``position`` are those registered in
 `gates.heads.HEADS` (`register_head`) and `fx.positions.POSITIONS` (`register_position`) when
-a config is made; ``HEADS`` and ``POSITIONS`` here are tuples of them, read at access.
+a config is made.
 """
 
 from __future__ import annotations
@@ -11,20 +11,11 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from .fx.positions import POSITIONS as _POSITION_REGISTRY
-from .gates.heads import HEADS as _HEAD_REGISTRY
+from .fx.positions import POSITIONS
+from .gates.heads import HEADS
 
 Mode = Literal["layer", "channel", "both"]
 MODES = ("layer", "channel", "both")
-
-
-def __getattr__(name: str) -> tuple[str, ...]:
-    """``HEADS`` and ``POSITIONS``: the names registered now, built-ins first."""
-    if name == "HEADS":
-        return tuple(_HEAD_REGISTRY)
-    if name == "POSITIONS":
-        return tuple(_POSITION_REGISTRY)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_name(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -85,10 +76,10 @@ class GateConfig:
         if not isinstance(exclude, (tuple, list)) or not all(isinstance(p, str) for p in exclude):
             raise ValueError(f"GateConfig.exclude takes name patterns (str), got {self.exclude!r}")
         _check_name("mode", self.mode, MODES)
-        _check_name("position", self.position, tuple(_POSITION_REGISTRY))
+        _check_name("position", self.position, tuple(POSITIONS))
         if self.fc_layers not in (1, 2):
             raise ValueError(f"GateConfig.fc_layers must be 1 or 2, got {self.fc_layers}")
-        _check_name("head", self.head, tuple(_HEAD_REGISTRY))
+        _check_name("head", self.head, tuple(HEADS))
         if self.hidden < 1:
             raise ValueError(f"GateConfig.hidden must be >= 1, got {self.hidden}")
         if self.tau <= 0:

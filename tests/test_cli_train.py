@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 import consensus_gates as cg
 from consensus_gates.cli import main
-from consensus_gates.cli.train import FieldOption, command_configs, train_command
+from consensus_gates.cli.config_options import FieldOption, command_configs
+from consensus_gates.cli.train import train_command
 from consensus_gates.training.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,

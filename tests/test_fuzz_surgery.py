@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import consensus_gates as cg
-from consensus_gates.config import HEADS, MODES, POSITIONS
+from consensus_gates.config import MODES
+from consensus_gates.fx.positions import POSITIONS
+from consensus_gates.gates.heads import HEADS
 
 from conftest import randomize, rel_diff
 from fuzz_models import (
@@ -166,8 +168,8 @@ cases = st.builds(
     Case,
     nets(),
     st.sampled_from(MODES),
-    st.sampled_from(POSITIONS),
-    st.sampled_from(HEADS),
+    st.sampled_from(tuple(POSITIONS)),
+    st.sampled_from(tuple(HEADS)),
     st.sampled_from((1, 2)),
     bools,
     bools,

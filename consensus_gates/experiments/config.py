@@ -52,9 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from .. import config as gate_config
 from ..bench.measure import BenchConfig
 from ..config import GateConfig
+from ..fx.positions import POSITIONS
+from ..gates.heads import HEADS
 from ..training.config import TrainConfig
 from .methods import METHODS, Method, MethodOptions
 
@@ -388,8 +389,7 @@ def _sub_config(cls: type, table: Mapping[str, Any], where: str, **filled: Any) 
     names = [f.name for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(cls)
     if cls is GateConfig:  # names of registries: the names registered now
-        hints |= {"head": Literal[tuple(gate_config.HEADS)],
-                  "position": Literal[tuple(gate_config.POSITIONS)]}  # fmt: skip
+        hints |= {"head": Literal[tuple(HEADS)], "position": Literal[tuple(POSITIONS)]}
     for key, value in table.items():
         if key in filled:  # only TrainConfig has fields the run fills in
             raise ConfigError(f"{where}: {key!r} is not set here: {_SET_BY_RUN[key]}")

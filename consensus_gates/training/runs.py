@@ -98,7 +98,7 @@ def _model_identity(spec: dict[str, Any]) -> dict[str, Any]:
     return {"model": source.get("name"), "model_args": source.get("kwargs"), **gates, **rest}
 
 
-def _claim(out: Path, resume: bool, overwrite: bool, rank: int) -> None:
+def claim_folder(out: Path, resume: bool, overwrite: bool, rank: int) -> None:
     """Refuse to train over the run `out` holds unless resuming or replacing it; on
     replacing, delete the files `train` writes (rank 0), so none of the old run is kept."""
     found = run_files(out)

@@ -44,7 +44,7 @@ from ..saving.files import model_spec
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .plots import plot_curves, plot_gates
-from .runs import CHECKPOINT, METRICS, _claim, check_folder, check_resume
+from .runs import CHECKPOINT, METRICS, check_folder, check_resume, claim_folder
 from .state import RunState
 
 
@@ -190,7 +190,7 @@ def _set_up(
         raise ValueError("resume=True continues the run in out_dir, overwrite=True replaces it")
     if out is not None:
         _require_spec(model, "out_dir needs a checkpoint of the model")
-        _claim(check_folder(out), resume, overwrite, rank)
+        claim_folder(check_folder(out), resume, overwrite, rank)
     net = _wrap(model, device, world)
     return _Run(model, gated, config, device, out, rank, world, net, log)
 
