@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fx.graph_module import require_gated
+from .fx.graph_module import META_KEY, require_gated
 from .gates.modules import Gate, LayerGate
 
 
@@ -56,8 +56,11 @@ def kept_fraction(decision: bool | tuple[bool, ...]) -> float:
 
 
 def consensus(model: nn.Module, threshold: float = 0.5) -> Consensus:
-    """The consensus sub-network: each gate is open iff its running open rate ≥ `threshold`."""
-    gates = require_gated(model).gates
+    """The consensus sub-network: each gate is open iff its running open rate ≥ `threshold`.
+    Gates cut out while training (`fx.cut`) come last, with the decision they were cut with
+    (open rate 0 or 1, agreement 1)."""
+    gated = require_gated(model)
+    gates = gated.gates
     decisions, rates, agreement = {}, {}, {}
     for name, g in gates.items():
         r = g.running_open_rate.float().cpu()
@@ -67,7 +70,16 @@ def consensus(model: nn.Module, threshold: float = 0.5) -> Consensus:
         else:
             rates[name] = tuple(r.tolist())
             decisions[name] = tuple(bool(v) for v in (r >= threshold).tolist())
+    for name, d in _cut(gated).items():
+        decisions[name], agreement[name] = d, 1.0
+        rates[name] = tuple(map(float, d)) if isinstance(d, tuple) else float(d)
     return Consensus(decisions, rates, agreement)
+
+
+def _cut(gated: nn.Module) -> dict[str, bool | tuple[bool, ...]]:
+    """Decisions of the gates cut out of `gated` while training (JSON lists as tuples)."""
+    cut = gated.meta[META_KEY].get("cut", {})
+    return {n: tuple(d) if isinstance(d, list) else d for n, d in cut.items()}
 
 
 def normalize_decision(gate: Gate, value: Any) -> bool | tuple[bool, ...]:
@@ -144,6 +156,9 @@ def resolve_decisions(
             f"{type(decisions).__name__}"
         )
     given = dict(decisions or {})
+    for name, d in _cut(require_gated(model)).items():  # gone, but a consensus still names them
+        if name in given and not _same(given.pop(name), d):
+            raise ValueError(f"gate {name} was cut out while training with decision {d}")
     unknown = sorted(set(given) - set(gates))
     if unknown:
         hints = {u: difflib.get_close_matches(str(u), list(gates), n=1) for u in unknown}
@@ -151,6 +166,13 @@ def resolve_decisions(
         raise KeyError(f"no gate named {unknown}{hint}; the gates are {list(gates)}")
     base = consensus(model).decisions
     return {name: normalize_decision(g, given.get(name, base[name])) for name, g in gates.items()}
+
+
+def _same(value: Any, decision: bool | tuple[bool, ...]) -> bool:
+    try:
+        return tuple(np.asarray(value, dtype=bool).reshape(-1)) == tuple(np.reshape(decision, -1))
+    except (TypeError, ValueError):
+        return False
 
 
 def fix_decisions(

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ._utils import set_training
 from .consensus import kept_fraction, normalize_decision, resolve_decisions
-from .fx.graph_module import example_inputs_of, require_gated
+from .fx.graph_module import META_KEY, example_inputs_of, require_gated
 from .fx.surgery import slim_graph_module
 from .fx.tracing import as_input_tuple
 from .gates.modules import LayerGate
@@ -119,21 +119,37 @@ def expected_flops_ratio(model: nn.Module) -> float:
     size of the sub-network while training, before the gates have polarized."""
     gated = require_gated(model)
     rates = [g.running_open_rate.float().mean() for g in gated.gates.values()]
-    return _ratio(gated, torch.stack(rates).double())
+    return _ratio(gated, torch.stack(rates).double() if rates else torch.zeros(0).double())
 
 
 def _ratio(gated, kept: Tensor) -> float:
-    """1 - Σ (1 - kept) · branch FLOPs / original FLOPs, `kept` in gate order."""
+    """1 - Σ (1 - kept) · branch FLOPs / original FLOPs, `kept` in gate order. The original
+    is the model before any gate was cut out while training (`fx.cut`): what those cuts
+    saved counts as closed."""
     gates = list(gated.gates.values())
-    branch = torch.stack([g.branch_flops for g in gates])
-    if getattr(gated, "_cg_original_flops", None) is None or bool((branch < 0).any()):
-        devices = [p.device for p in gated.parameters() if p.is_cuda][:1]
-        with torch.random.fork_rng(devices=devices):  # a resumed run must draw the same numbers
-            inputs = example_inputs_of(gated)
-        branch_costs(gated, inputs)
+    branch = torch.stack([g.branch_flops for g in gates]) if gates else torch.zeros(0)
+    if getattr(gated, "_cg_all_open_flops", None) is None or bool((branch < 0).any()):
+        branch_costs(gated, _fixed_example(gated))
+        all_open_flops(gated)
+        branch = torch.stack([g.branch_flops for g in gates]) if gates else branch
+    saved = ((1 - kept.to(branch.device)) * branch.double()).sum().item()
+    cut = gated.meta[META_KEY].get("cut_flops", 0)
+    return 1 - (saved + cut) / (gated._cg_all_open_flops + cut)
+
+
+def _fixed_example(gated) -> tuple[Tensor, ...]:
+    devices = [p.device for p in gated.parameters() if p.is_cuda][:1]
+    with torch.random.fork_rng(devices=devices):  # a resumed run must draw the same numbers
+        return example_inputs_of(gated)
+
+
+def all_open_flops(model: nn.Module) -> int:
+    """FLOPs per example input of the gated model's network with every gate open (no gate
+    overhead), measured once and kept until `fx.cut` changes the network."""
+    gated = require_gated(model)
+    if getattr(gated, "_cg_all_open_flops", None) is None:
+        inputs = _fixed_example(gated)
         all_open = {n: normalize_decision(g, True) for n, g in gated.gates.items()}
         total = flops(slim_graph_module(copy.deepcopy(gated), all_open), inputs).flops
-        gated._cg_original_flops = total  # a plain attribute: not a weight, not in the spec
-        branch = torch.stack([g.branch_flops for g in gates])
-    saved = ((1 - kept.to(branch.device)) * branch.double()).sum().item()
-    return 1 - saved / gated._cg_original_flops
+        gated._cg_all_open_flops = total  # a plain attribute: not a weight, not in the spec
+    return gated._cg_all_open_flops

@@ -81,10 +81,14 @@ def gate_losses(
 
 
 def _polarization(means: list[Tensor]) -> Tensor:
+    if not means:  # every gate was cut out while training (a 0-d tensor adds to any device)
+        return torch.zeros(())
     return torch.stack([((1 - m) * m).mean() for m in means]).mean()
 
 
 def _activation(model: nn.Module, gates: list[Gate], means: list[Tensor], weight: str) -> Tensor:
+    if not means:
+        return torch.zeros(())
     mean = torch.stack([m.mean() for m in means])
     if weight == "uniform":
         return mean.mean()

@@ -59,7 +59,10 @@ def materialize(
     # mode could never train again: do the surgery with both back on.
     with torch.inference_mode(False), torch.enable_grad():
         slim = slim_graph_module(copy.deepcopy(gated), resolved)
-    slim.meta[META_KEY] = {**gated.meta[META_KEY], "kind": "slim", "decisions": resolved}
+    meta = {k: v for k, v in gated.meta[META_KEY].items() if k not in ("cut", "cut_flops")}
+    # every gate's decision, those cut while training too: `load` replays them all at once
+    decisions = {**gated.meta[META_KEY].get("cut", {}), **resolved}
+    slim.meta[META_KEY] = {**meta, "kind": "slim", "decisions": decisions}
     return slim
 
 
@@ -74,7 +77,7 @@ def slim_graph_module(gated: fx.GraphModule, decisions: Mapping[str, bool]) -> f
         if decisions[gate.name]:
             scaled.replace_all_uses_with(scaled.args[0])
         else:
-            _drop_operand(graph, scaled)
+            drop_operand(graph, scaled)
     eliminate_dead_code(graph)
     if any(isinstance(g, ChannelGate) for _, g in gate_nodes(work)):
         _cut_channels(work, decisions, example_inputs_of(gated))
@@ -90,7 +93,7 @@ def slim_graph_module(gated: fx.GraphModule, decisions: Mapping[str, bool]) -> f
     return slim
 
 
-def _drop_operand(graph: fx.Graph, scaled: fx.Node) -> None:
+def drop_operand(graph: fx.Graph, scaled: fx.Node) -> None:
     """Replace ``add(skip, scaled)`` by ``skip`` (or ``alpha * skip`` for ``torch.add``)."""
     (merge,) = scaled.users
     skip = merge.args[1] if merge.args[0] is scaled else merge.args[0]
@@ -259,7 +262,7 @@ class ChannelCut:
 
     def drop_branch(self) -> None:
         """The mask is a residual add's operand: the add becomes its other operand."""
-        _drop_operand(self.work.graph, self.masked)
+        drop_operand(self.work.graph, self.masked)
 
     def cut_with_dependents(self, producer: fx.Node) -> None:
         """After every gate is cut, torch-pruning removes the closed output channels of the

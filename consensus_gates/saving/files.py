@@ -17,6 +17,7 @@ from .._utils import atomic_path, unwrap
 from ..config import GateConfig
 from ..consensus import normalize_decision
 from ..errors import ModelFileError
+from ..fx.cut import cut_gates
 from ..fx.graph_module import META_KEY, GatedModel
 from ..fx.insert import insert_gates
 from ..fx.surgery import materialize
@@ -38,7 +39,8 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     """How `load` rebuilds `model`: source model, example input shapes, config, decisions."""
     meta = getattr(model, "meta", None)
     if isinstance(meta, dict) and META_KEY in meta:
-        spec = {k: v for k, v in meta[META_KEY].items() if k != "rejected"}
+        # `load` measures cut_flops again when it replays the cuts
+        spec = {k: v for k, v in meta[META_KEY].items() if k not in ("rejected", "cut_flops")}
         # `load` traces the model on these shapes again; it needs no larger batch
         spec["inputs"] = [
             {**s, "shape": [min(s["shape"][0], MAX_BATCH), *s["shape"][1:]]}
@@ -116,6 +118,9 @@ def rebuild(
         return _source_model(spec, model, what)
     gated = rebuild_gated(spec, model, what)
     decisions = decisions_of(spec, gated, what)
+    if spec.get("cut"):
+        cut = _cut_of(spec, gated, what)
+        _file_step(what, "cut the gates it cut while training", cut_gates, gated, cut)
     if spec["kind"] == "slim":
         return _file_step(what, "materialize its decisions", materialize, gated, decisions)
     for name, d in decisions.items():
@@ -185,11 +190,12 @@ def _file_step(what: str, step: str, fn, *args, **kwargs):
 
 
 def decisions_of(
-    spec: dict[str, Any], gated: GatedModel, what: str = "the file"
+    spec: dict[str, Any], gated: GatedModel, what: str = "the file", field: str | None = None
 ) -> dict[str, bool | tuple[bool, ...]]:
     """A slim spec's ``decisions`` (one for every gate) or a gated spec's pinned ``fixed``
-    ones, checked against the gates of `gated` (`rebuild_gated(spec)`)."""
-    field = "decisions" if spec["kind"] == "slim" else "fixed"
+    ones (or its `field`, such as ``cut``), checked against the gates of `gated`
+    (`rebuild_gated(spec)`)."""
+    field = field or ("decisions" if spec["kind"] == "slim" else "fixed")
     given, gates = spec.get(field, {}), gated.gates
     unknown = sorted(set(given) - set(gates))
     missing = sorted(set(gates) - set(given)) if field == "decisions" else []
@@ -209,6 +215,12 @@ def decisions_of(
             )
         out[name] = _file_step(what, f"read {field}.{name}", normalize_decision, gates[name], d)
     return out
+
+
+def _cut_of(spec: dict[str, Any], gated: GatedModel, what: str) -> dict[str, bool]:
+    """A gated spec's ``cut``: decisions of layer gates, and of channel gates inside them."""
+    cut = decisions_of(spec, gated, what, field="cut")
+    return {n: d for n, d in cut.items() if isinstance(gated.gates[n], LayerGate)}
 
 
 def load(

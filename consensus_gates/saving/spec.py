@@ -204,7 +204,7 @@ _GATED = {
 }
 KINDS = {
     "plain": struct({**_COMMON, "source": SOURCE}),
-    "gated": struct(_GATED, {"fixed": mapping(decision)}),
+    "gated": struct(_GATED, {"fixed": mapping(decision), "cut": mapping(decision)}),
     "slim": struct({**_GATED, "decisions": mapping(decision)}),
 }
 

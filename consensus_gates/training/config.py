@@ -58,6 +58,11 @@ class TrainConfig:
         seed: seeds the torch and Python RNGs when training starts (a resumed run restores
             its saved RNG states instead).
         progress: show a progress bar of each epoch's steps (on rank 0).
+        progressive: cut settled layer gates out of the model while it trains
+            (`training.progressive`): a gate that made the same decision for every sample
+            of `settle_steps` consecutive steps, all while λ_polar > 0, is cut (a closed one
+            with its branch), and training goes on with the smaller network.
+        settle_steps: how many consecutive unanimous steps settle a gate, for `progressive`.
     """
 
     epochs: int = 10
@@ -80,17 +85,21 @@ class TrainConfig:
     lambda_act_max: float = 10.0
     seed: int = 0
     progress: bool = True
+    progressive: bool = False
+    settle_steps: int = 50
 
     def __post_init__(self) -> None:
         for name in _NUMBERS:
             v = getattr(self, name)
             if v is not None and not (_is_number(v, (int, float)) and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
-        for name in ("epochs", "warmup_epochs", "seed"):
+        for name in ("epochs", "warmup_epochs", "seed", "settle_steps"):
             if not _is_number(getattr(self, name), int):
                 raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.settle_steps < 1:
+            raise ValueError(f"settle_steps must be >= 1, got {self.settle_steps}")
         if self.polar_schedule not in SCHEDULES:
             raise ValueError(
                 f"polar_schedule must be one of {SCHEDULES}, got {self.polar_schedule!r}"

@@ -63,7 +63,9 @@ def check_resume(
     if saved is not None and identity is not None:
         changed += _changed(saved, _jsonable(identity))
     recipe = _jsonable(asdict(config))
-    changed += _changed(json.loads(ckpt["train_config"]), recipe, skip=("epochs", "progress"))
+    # a field added since the checkpoint was written had its default then
+    saved_recipe = {**_jsonable(asdict(TrainConfig())), **json.loads(ckpt["train_config"])}
+    changed += _changed(saved_recipe, recipe, skip=("epochs", "progress"))
     if changed:
         raise ValueError(
             f"--resume with a different recipe than the checkpoint's ({', '.join(changed)}); "
@@ -93,7 +95,7 @@ def _model_identity(spec: dict[str, Any]) -> dict[str, Any]:
     source, config = spec.pop("source", None) or {}, spec.pop("config", None) or {}
     for t in spec.get("inputs") or []:
         t["shape"] = t["shape"][1:]
-    rest = {k: v for k, v in spec.items() if k not in ("format", "version", "fixed")}
+    rest = {k: v for k, v in spec.items() if k not in ("format", "version", "fixed", "cut")}
     gates = {f"gates.{k}": v for k, v in config.items()}
     return {"model": source.get("name"), "model_args": source.get("kwargs"), **gates, **rest}
 

@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import MultiStepLR
 
 from .config import TrainConfig
 from .controller import SparsityController
+from .progressive import SettleTracker
 
 
 @dataclass(eq=False)
@@ -37,6 +38,11 @@ class RunState:
         identity: what else defines the run (see `train`); saved for `check_resume`.
         generator: the training loader's generator, whose state (the shuffled order) is
             saved with the global torch, CUDA and Python RNG states.
+        tracker: with ``config.progressive``, the gates' unanimous steps (`SettleTracker`).
+            The gates already cut are in the model's spec, which the checkpoint holds.
+        train_flops: the training FLOPs so far: 3 × the training model's forward FLOPs per
+            sample (forward, and a backward of about twice that) × the samples, all
+            processes'.
     """
 
     model: nn.Module
@@ -49,6 +55,8 @@ class RunState:
     epoch: int = 0
     identity: Mapping[str, Any] | None = None
     generator: torch.Generator | None = None
+    tracker: SettleTracker | None = None
+    train_flops: float = 0.0
 
     @classmethod
     def start(
@@ -67,8 +75,10 @@ class RunState:
         if config.target is not None:
             controller = SparsityController(model, config, config.epochs * len(loader))
         lambda_act = config.lambda_act if controller is None else 0.0
+        tracker = SettleTracker(config.settle_steps) if config.progressive else None
         return cls(model, config, optimizer, scheduler, controller, lambda_act,
-                   identity=identity, generator=getattr(loader, "generator", None))  # fmt: skip
+                   identity=identity, generator=getattr(loader, "generator", None),
+                   tracker=tracker)  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint's content: tensors, numbers, strings and containers of them."""
@@ -83,6 +93,8 @@ class RunState:
             "records": self.records,
             "train_config": json.dumps(asdict(self.config)),
             "identity": json.dumps(self.identity),
+            "settle": self.tracker.state_dict() if self.tracker is not None else None,
+            "train_flops": self.train_flops,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -99,6 +111,9 @@ class RunState:
         self.records = list(state["records"])
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
+        if self.tracker is not None:
+            self.tracker.load_state_dict(state["settle"])
+        self.train_flops = state.get("train_flops", 0.0)  # none in older checkpoints
 
     def rebuild_optimizer(self) -> None:
         """An optimizer over the model's new parameters (after `epoch_end` replaced them) at

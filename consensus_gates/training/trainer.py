@@ -36,14 +36,18 @@ from tqdm.auto import tqdm
 
 from .._utils import atomic_path, unwrap
 from ..consensus import consensus
-from ..cost import flops_ratio
+from ..cost import flops, flops_ratio
 from ..errors import TrainingDiverged
+from ..fx.cut import cut_gates
 from ..fx.graph_module import GatedModel
+from ..gates.modules import LayerGate
 from ..losses import gate_losses
 from ..saving.files import model_spec
+from ..saving.spec import parse_spec
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .plots import plot_curves, plot_gates
+from .progressive import cut_settled
 from .runs import CHECKPOINT, METRICS, check_folder, check_resume, claim_folder
 from .state import RunState
 
@@ -125,8 +129,9 @@ def train(
             epoch is kept.
     """
     run = _set_up(model, config or TrainConfig(), out_dir, device, resume, overwrite, log)
+    checkpoint = _checkpoint_to_resume(run, identity) if resume else None
     state = RunState.start(run.model, run.config, train_loader, identity)
-    _resume_or_seed(run, state, resume)
+    _resume_or_seed(run, state, checkpoint)
     for epoch in range(state.epoch, run.config.epochs):
         stats = _train_epoch(run, state, train_loader, epoch)
         _end_epoch(run, state, stats, test_loader, epoch_end)
@@ -146,6 +151,8 @@ class _Run:
     world: int
     net: nn.Module  # what is called: `model`, in DistributedDataParallel under torchrun
     log: Callable[[str], None]
+    forward_flops: int | None = None  # the training model's, per sample (`_forward_flops`)
+    example: torch.Tensor | None = None  # an input to measure it with
 
 
 @dataclass(eq=False)
@@ -156,6 +163,8 @@ class _Epoch:
     lr: float  # what this epoch trains with
     lambda_polar: float
     began: float = field(default_factory=time.time)
+    cut: list[dict[str, Any]] = field(default_factory=list)  # gates cut out in this epoch
+    train_seconds: float = 0.0  # the steps' wall time, without the evaluation
     # summed over the steps: the loss, task, polar and act losses, the correct predictions
     # and the samples
     sums: torch.Tensor = field(default_factory=lambda: torch.zeros(6, dtype=torch.float64))
@@ -180,6 +189,11 @@ def _set_up(
             f"config.target={config.target} needs gates to reach it; a plain "
             f"{type(model).__name__} has none (call insert_gates first, or set target=None)"
         )
+    if gated is None and config.progressive:
+        raise ValueError(
+            f"config.progressive cuts settled gates out; a plain {type(model).__name__} has "
+            "none (call insert_gates first, or set progressive=False)"
+        )
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     rank, world = _distributed()
@@ -195,14 +209,26 @@ def _set_up(
     return _Run(model, gated, config, device, out, rank, world, net, log)
 
 
-def _resume_or_seed(run: _Run, state: RunState, resume: bool) -> None:
-    """Continue from the checkpoint in ``run.out`` (the same run, `check_resume` says), or
-    seed a fresh run."""
-    if not resume:
+def _checkpoint_to_resume(run: _Run, identity: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint in ``run.out``, if it is of the same run (`check_resume`); the gates it
+    had cut out while training are cut out of ``run.model`` too, so that the optimizer is
+    built over the same parameters."""
+    checkpoint = check_resume(run.out, run.model, run.config, identity)
+    cut = parse_spec(checkpoint["spec"], str(run.out / CHECKPOINT)).get("cut")
+    if cut and run.gated is not None:
+        layer = {n: d for n, d in cut.items() if isinstance(run.gated.gates.get(n), LayerGate)}
+        cut_gates(run.gated, layer)
+        run.net = _wrap(run.model, run.device, run.world)
+    return checkpoint
+
+
+def _resume_or_seed(run: _Run, state: RunState, checkpoint: dict[str, Any] | None) -> None:
+    """Continue from `checkpoint`, or seed a fresh run."""
+    if checkpoint is None:
         torch.manual_seed(run.config.seed)
         random.seed(run.config.seed)
         return
-    state.load_state_dict(check_resume(run.out, run.model, run.config, state.identity))
+    state.load_state_dict(checkpoint)
     if run.rank == 0:
         run.log(f"resumed from {run.out / CHECKPOINT} after epoch {state.epoch}")
 
@@ -225,6 +251,7 @@ def _train_epoch(run: _Run, state: RunState, loader: DataLoader, epoch: int) -> 
         stats.steps += 1
         if stats.steps % 20 == 0:
             bar.set_postfix(loss=f"{values[0].item():.3f}", polar=f"{values[2].item():.3f}")
+    stats.train_seconds = time.time() - stats.began
     state.scheduler.step()
     return stats
 
@@ -248,7 +275,34 @@ def _train_step(run: _Run, state: RunState, stats: _Epoch, x, y) -> torch.Tensor
     state.optimizer.step()
     if state.controller is not None:
         state.lambda_act = state.controller.step()
+    settled = {}
+    if state.tracker is not None and stats.lambda_polar > 0:
+        settled = state.tracker.update(run.gated, run.world)
+    # this step's size, before any cut; measuring runs the model, so after the gates are read
+    state.train_flops += 3 * _forward_flops(run, x) * len(y) * run.world
+    if settled:
+        _cut(run, state, stats, settled)
     return values
+
+
+def _forward_flops(run: _Run, x: torch.Tensor) -> int:
+    """The training model's forward FLOPs per sample (gates included), measured once and
+    again after each cut."""
+    if run.forward_flops is None:
+        run.example = x[:1]
+        run.forward_flops = flops(run.model, run.example).flops
+    return run.forward_flops
+
+
+def _cut(run: _Run, state: RunState, stats: _Epoch, settled: dict[str, bool]) -> None:
+    """Cut the settled gates out of the training model: every rank the same gates at the
+    same step, from all-reduced decisions. The optimizer keeps the other parameters' state,
+    and DDP gets a new wrapper around the smaller module."""
+    removed = cut_settled(run.gated, state.optimizer, settled)
+    state.tracker.forget(removed)
+    stats.cut += [{"gate": n, "open": d, "step": stats.steps + 1} for n, d in settled.items()]
+    run.net = _wrap(run.model, run.device, run.world)
+    run.forward_flops = None
 
 
 def _check_finite(run: _Run, state: RunState, stats: _Epoch, values: torch.Tensor) -> None:
@@ -333,6 +387,11 @@ def _record(
     evaluated = test_loader is not None and run.rank == 0
     record["test_acc"] = evaluate(run.model, test_loader, run.device) if evaluated else None
     record["seconds"] = round(time.time() - stats.began, 2)
+    record["train_seconds"] = round(stats.train_seconds, 2)
+    record["model_flops"] = _forward_flops(run, run.example) if run.example is not None else None
+    record["model_params"] = sum(p.numel() for p in run.model.parameters())
+    record["train_flops"] = state.train_flops
+    record["cut"] = list(stats.cut) if run.config.progressive else None
     return record
 
 

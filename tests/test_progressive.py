@@ -1,0 +1,221 @@
+"""Progressive surgery: settled layer gates cut out of the model while it trains
+(`fx.cut.cut_gates`, `training.progressive`)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import consensus_gates as cg
+from consensus_gates.fx.cut import cut_gates
+from consensus_gates.training.progressive import SettleTracker, cut_settled
+
+from conftest import randomize
+
+X = torch.randn(4, 3, 8, 8)
+
+
+def _gated(mode: str = "layer") -> cg.GatedModel:
+    model = randomize(cg.create_model("resnet20"))
+    return cg.insert_gates(model, X, cg.GateConfig(mode=mode)).eval()
+
+
+def _layer_gates(gated) -> list[str]:
+    return [n for n, g in gated.gates.items() if isinstance(g, cg.LayerGate)]
+
+
+@pytest.mark.parametrize("mode", ["layer", "both"])
+def test_a_cut_changes_nothing(mode):
+    gated = _gated(mode)
+    names = _layer_gates(gated)
+    decisions = {names[0]: False, names[4]: True, names[7]: False}
+    for name, d in decisions.items():
+        gated.gates[name].fixed = d
+    params = sum(p.numel() for p in gated.parameters())
+    with torch.no_grad():
+        before = gated(X)
+        removed = cut_gates(gated, decisions)
+        after = gated(X)
+    assert torch.equal(before, after)
+    assert set(decisions) <= set(removed) and not set(removed) & set(gated.gates)
+    assert sum(p.numel() for p in gated.parameters()) < params
+    if mode == "both":  # the channel gates inside the closed branches went with them
+        assert any("/" in n for n in removed)
+    # FLOPs ratios stay relative to the original model, cut gates counted as decided
+    full = _gated(mode)
+    all_open = {n: True for n in full.gates}
+    assert cg.flops_ratio(gated, {n: True for n in gated.gates}) == pytest.approx(
+        cg.flops_ratio(full, {**all_open, **decisions}), abs=1e-9
+    )
+
+
+def test_the_final_model_is_what_materialize_gives_and_files_round_trip(tmp_path):
+    gated = _gated("both")
+    full = copy.deepcopy(gated)
+    names = _layer_gates(gated)
+    decisions = {names[1]: False, names[2]: True}
+    cut_gates(gated, decisions)
+    c = cg.consensus(gated)
+    assert {n: c.decisions[n] for n in decisions} == decisions  # cut gates keep their decision
+    with pytest.raises(ValueError, match="cut out while training"):
+        cg.materialize(gated, {names[1]: True})
+    slim = cg.materialize(gated, c)
+    reference = cg.materialize(full, c.decisions)
+    with torch.no_grad():
+        assert torch.equal(slim(X), reference(X))
+    for model, name in ((gated, "cut.safetensors"), (slim, "slim.safetensors")):
+        cg.save(model, tmp_path / name)
+        loaded = cg.load(tmp_path / name).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(X), model(X)), name
+    assert list(cg.load(tmp_path / "cut.safetensors").gates) == list(gated.gates)
+
+
+def test_cut_refuses_unknown_and_channel_gates():
+    gated = _gated("both")
+    with pytest.raises(KeyError, match="no gate named"):
+        cut_gates(gated, {"layer9.9": False})
+    channel = next(n for n in gated.gates if "/" in n)
+    with pytest.raises(ValueError, match="only layer gates"):
+        cut_gates(gated, {channel: False})
+
+
+def test_the_optimizer_carries_over():
+    """One SGD step after a cut equals one step of a fresh optimizer on a network built
+    without the cut units, given the same momentum buffers."""
+    gated = _gated().train()
+    opt = torch.optim.SGD(gated.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(gated(x), y).backward()
+        opt.step()
+    names = _layer_gates(gated)
+    decisions = {names[0]: False, names[5]: True}
+    other = copy.deepcopy(gated)
+    buffers = {n: opt.state[p]["momentum_buffer"].clone() for n, p in gated.named_parameters()}
+    cut_settled(gated, opt, decisions)
+    cut_gates(other, decisions)
+    fresh = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for n, p in other.named_parameters():
+        fresh.state[p]["momentum_buffer"] = buffers[n].clone()
+    assert len(opt.param_groups[0]["params"]) == len(list(other.parameters()))
+    for model, optimizer in ((gated, opt), (other, fresh)):
+        torch.manual_seed(1)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    for (n, a), b in zip(gated.named_parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_a_gate_settles_after_a_window_of_unanimous_steps():
+    gated = _gated()
+    tracker = SettleTracker(window=3)
+    gate = gated.gates["layer1.0"]
+    other = [g for n, g in gated.gates.items() if n != "layer1.0"]
+    for g in other:
+        g.decisions = torch.tensor([[1.0], [0.0]])  # split: never settles
+    history = []
+    for row in ([1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]):
+        gate.decisions = torch.tensor(row)[:, None]
+        history.append(tracker.update(gated))
+    assert history == [{}, {}, {}, {}, {"layer1.0": False}]  # the switch restarted the count
+    assert tracker.state_dict()["runs"]["layer1.0"] == 3 and tracker.runs["layer1.1"] == 0
+
+
+def _data(n: int = 96, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long()
+    return DataLoader(TensorDataset(x, y), batch_size=24, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+
+def _progressive_gated() -> cg.GatedModel:
+    torch.manual_seed(0)
+    gated = cg.insert_gates(cg.create_model("resnet20", num_classes=2), X, cg.GateConfig())
+    for i, gate in enumerate(gated.gates.values()):  # some start firmly closed, some open
+        last = [m for m in gate.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.bias.data.fill_(-6.0 if i % 3 == 0 else 6.0)
+    return gated
+
+
+CONFIG = cg.TrainConfig(
+    epochs=3, lr=0.02, milestones=(2,), polar_schedule="constant", lambda_polar=1.0,
+    lambda_act=0.0,
+    progressive=True, settle_steps=6, progress=False,
+)  # fmt: skip
+
+
+def test_progressive_training_cuts_settled_gates_and_records_it():
+    gated = _progressive_gated()
+    records = cg.train(gated, _data(), _data(48, 1), CONFIG, log=lambda s: None)
+    cut = [c for r in records for c in r["cut"]]
+    assert [c["step"] for c in cut] == [2] * 9  # the 6th unanimous step: epoch 2, step 2
+    assert {c["gate"]: c["open"] for c in cut} == {n: i % 3 != 0 for i, n in enumerate(
+        f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3))}  # fmt: skip
+    assert records[0]["model_flops"] > records[1]["model_flops"] == records[2]["model_flops"]
+    assert records[1]["model_params"] < records[0]["model_params"]
+    assert not gated.gates and cg.consensus(gated).open_ratio == pytest.approx(6 / 9)
+    first, second = (records[i]["train_flops"] for i in (0, 1))
+    assert first == 3 * records[0]["model_flops"] * 96
+    assert second - first < first  # the second epoch ran the smaller network after step 2
+    assert records[2]["flops_ratio"] == pytest.approx(records[1]["flops_ratio"])
+    assert records[2]["flops_ratio"] < 1
+
+
+def test_resume_across_a_cut_is_exact(tmp_path):
+    straight = cg.train(_progressive_gated(), _data(), None, CONFIG, log=lambda s: None)
+    one = cg.TrainConfig(**{**CONFIG.__dict__, "epochs": 1})
+    cg.train(_progressive_gated(), _data(), None, one, out_dir=tmp_path, log=lambda s: None)
+    two = cg.TrainConfig(**{**CONFIG.__dict__, "epochs": 2})  # the cut happens in epoch 2
+    cg.train(_progressive_gated(), _data(), None, two, out_dir=tmp_path, resume=True,
+             log=lambda s: None)  # fmt: skip
+    model = _progressive_gated()
+    resumed = cg.train(model, _data(), None, CONFIG, out_dir=tmp_path, resume=True,
+                       log=lambda s: None)  # fmt: skip
+    for a, b in zip(straight, resumed, strict=True):
+        for key in ("loss", "train_acc", "cut", "train_flops", "model_flops", "flops_ratio"):
+            assert a[key] == b[key], key
+    saved = json.loads(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["spec"])
+    assert len(saved["cut"]) == 9
+
+
+def test_progressive_needs_gates_and_a_window():
+    with pytest.raises(ValueError, match="settle_steps must be >= 1"):
+        cg.TrainConfig(settle_steps=0)
+    with pytest.raises(ValueError, match="progressive cuts settled gates"):
+        cg.train(cg.create_model("resnet20"), _data(), None, CONFIG)
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)  # fmt: skip
+    try:
+        gated = _progressive_gated()
+        records = cg.train(gated, _data(48, seed=rank), None, CONFIG, log=lambda s: None)
+        weights = {n: p.detach().clone() for n, p in gated.state_dict().items()}
+        torch.save({"cut": [r["cut"] for r in records], "weights": weights}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_cuts_the_same_gates_at_the_same_step(tmp_path):
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["cut"] == b["cut"] and sum(len(c) for c in a["cut"]) == 9
+    assert a["weights"].keys() == b["weights"].keys()
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
