@@ -19,7 +19,7 @@ from ..consensus import normalize_decision
 from ..cost import all_open_flops
 from ..gates.modules import Gate, LayerGate
 from .graph_module import GATES_ATTR, META_KEY, GatedModel, gate_nodes, require_gated
-from .surgery import drop_operand
+from .surgery import unwire_layer_gate
 from .tracing import eliminate_dead_code
 
 
@@ -41,11 +41,7 @@ def cut_gates(model: nn.Module, decisions: Mapping[str, bool]) -> list[str]:
     graph = gated.graph
     for node, gate in gate_nodes(gated):
         if gate.name in resolved:
-            (scaled,) = node.users  # mul(branch, gate), built by insert_gates
-            if resolved[gate.name]:
-                scaled.replace_all_uses_with(scaled.args[0])
-            else:
-                drop_operand(graph, scaled)
+            unwire_layer_gate(graph, node, resolved[gate.name])
     eliminate_dead_code(graph)
     called = {g.name for _, g in gate_nodes(gated)}
     removed = [name for name in gates if name not in called]

@@ -71,13 +71,8 @@ def slim_graph_module(gated: fx.GraphModule, decisions: Mapping[str, bool]) -> f
     work = fx.GraphModule(gated, copy.deepcopy(gated.graph))  # shares modules, owns its graph
     graph = work.graph
     for node, gate in gate_nodes(work):
-        if not isinstance(gate, LayerGate):
-            continue
-        (scaled,) = node.users  # mul(branch, gate), built by insert_gates
-        if decisions[gate.name]:
-            scaled.replace_all_uses_with(scaled.args[0])
-        else:
-            drop_operand(graph, scaled)
+        if isinstance(gate, LayerGate):
+            unwire_layer_gate(graph, node, decisions[gate.name])
     eliminate_dead_code(graph)
     if any(isinstance(g, ChannelGate) for _, g in gate_nodes(work)):
         _cut_channels(work, decisions, example_inputs_of(gated))
@@ -91,6 +86,16 @@ def slim_graph_module(gated: fx.GraphModule, decisions: Mapping[str, bool]) -> f
     slim = fx.GraphModule(work, graph, class_name=type(gated).__name__.removeprefix("Gated"))
     slim.train(gated.training)
     return slim
+
+
+def unwire_layer_gate(graph: fx.Graph, node: fx.Node, keep_branch: bool) -> None:
+    """Take a layer gate's call out of the graph: its branch runs ungated (`keep_branch`) or
+    is no longer added (dead code, for `eliminate_dead_code` to remove)."""
+    (scaled,) = node.users  # mul(branch, gate), built by insert_gates
+    if keep_branch:
+        scaled.replace_all_uses_with(scaled.args[0])
+    else:
+        drop_operand(graph, scaled)
 
 
 def drop_operand(graph: fx.Graph, scaled: fx.Node) -> None:
