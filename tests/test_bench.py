@@ -208,3 +208,25 @@ def test_keep_freed_memory_ends_the_page_faults_of_each_forward(tmp_path):
     # 32 images x 16 channels x 32 x 32 floats = 2 MiB per activation: hundreds of pages each
     assert default.extra["page_faults_per_run"] > 1000
     assert kept.extra["page_faults_per_run"] < 0.1 * default.extra["page_faults_per_run"]
+
+
+@pytest.mark.slow
+def test_progressive_training_benchmark_quick_mode_runs(tmp_path):
+    """examples/benchmarks/progressive_training.py --quick on a small fake Fashion-MNIST:
+    dense, gates and progressive runs, each in its own process, and the table."""
+    from conftest import fake_fashion_mnist
+
+    root = fake_fashion_mnist(tmp_path / "data", n_train=256, n_test=64)
+    script = ROOT / "examples" / "benchmarks" / "progressive_training.py"
+    cmd = [sys.executable, str(script), "--quick", "--data-root", str(root), "--subset", "256",
+           "--epochs", "3", "--settle-steps", "2"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r.split("|")[1].strip(): r.split("|") for r in run.stdout.splitlines()
+            if r.startswith("| ") and "---" not in r}  # fmt: skip
+    assert list(rows)[1:] == ["dense", "gates", "progressive"]
+    wall_over_gates = float(rows["gates"][7])
+    assert wall_over_gates == 1.0
+    # cutting can only lower the training FLOPs (tests/test_progressive.py checks the cuts)
+    assert float(rows["progressive"][9]) <= 1.0 == float(rows["gates"][9])
+    assert float(rows["dense"][3]) == 1.0 and float(rows["gates"][3]) <= 1.0  # FLOPs ratios

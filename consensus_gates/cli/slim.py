@@ -13,9 +13,10 @@ from torch import nn
 from ..consensus import consensus, fix_decisions, kept_fraction, unfix_decisions
 from ..cost import flops
 from ..errors import ModelFileError
+from ..fx.cut import cut_decisions
 from ..fx.graph_module import GatedModel, example_inputs_of
 from ..fx.surgery import materialize
-from ..saving.files import export, load, read_spec, save
+from ..saving.files import export, load, model_spec, read_spec, rebuild_gated, save
 from ..training.checkpoint import model_from_checkpoint
 from ..training.runs import check_folder
 from .app import main
@@ -44,8 +45,7 @@ def slim_report(gated: GatedModel, threshold: float = 0.5) -> tuple[nn.Module, d
     fix_decisions(gated, c)
     slim = materialize(gated, c).eval()
     x = example_inputs_of(gated)
-    full = materialize(gated, dict.fromkeys(gated.gates, True))
-    before, after = flops(full, x), flops(slim, x)
+    before, after = flops(_original(gated), x), flops(slim, x)
     batch = tuple(torch.randn(4, *t.shape[1:], dtype=t.dtype) for t in x)
     with torch.no_grad():
         ref, out = gated(*batch), slim(*batch)
@@ -61,6 +61,16 @@ def slim_report(gated: GatedModel, threshold: float = 0.5) -> tuple[nn.Module, d
     }
     unfix_decisions(gated)
     return slim, report
+
+
+def _original(gated: GatedModel) -> nn.Module:
+    """The network `gated` was made from, with every gate open and gone: rebuilt from its
+    spec when gates were cut out of it while training (its weights do not matter here)."""
+    if cut_decisions(gated):
+        spec = model_spec(gated)
+        if spec["source"]:
+            gated = rebuild_gated(spec)
+    return materialize(gated, dict.fromkeys(gated.gates, True))
 
 
 def print_report(r: dict[str, Any]) -> None:
