@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fx.graph_module import META_KEY, require_gated
+from .fx.graph_module import cut_decisions, require_gated
 from .gates.modules import Gate, LayerGate
 
 
@@ -70,16 +70,10 @@ def consensus(model: nn.Module, threshold: float = 0.5) -> Consensus:
         else:
             rates[name] = tuple(r.tolist())
             decisions[name] = tuple(bool(v) for v in (r >= threshold).tolist())
-    for name, d in _cut(gated).items():
+    for name, d in cut_decisions(gated).items():
         decisions[name], agreement[name] = d, 1.0
         rates[name] = tuple(map(float, d)) if isinstance(d, tuple) else float(d)
     return Consensus(decisions, rates, agreement)
-
-
-def _cut(gated: nn.Module) -> dict[str, bool | tuple[bool, ...]]:
-    """Decisions of the gates cut out of `gated` while training (JSON lists as tuples)."""
-    cut = gated.meta[META_KEY].get("cut", {})
-    return {n: tuple(d) if isinstance(d, list) else d for n, d in cut.items()}
 
 
 def normalize_decision(gate: Gate, value: Any) -> bool | tuple[bool, ...]:
@@ -156,7 +150,7 @@ def resolve_decisions(
             f"{type(decisions).__name__}"
         )
     given = dict(decisions or {})
-    for name, d in _cut(require_gated(model)).items():  # gone, but a consensus still names them
+    for name, d in cut_decisions(model).items():  # gone, but a consensus still names them
         if name in given and not _same(given.pop(name), d):
             raise ValueError(f"gate {name} was cut out while training with decision {d}")
     unknown = sorted(set(given) - set(gates))

@@ -128,13 +128,13 @@ def _ratio(gated, kept: Tensor) -> float:
     saved counts as closed."""
     gates = list(gated.gates.values())
     branch = torch.stack([g.branch_flops for g in gates]) if gates else torch.zeros(0)
-    if getattr(gated, "_cg_all_open_flops", None) is None or bool((branch < 0).any()):
+    # a gate's branch cost outlives cuts of other gates: only the all-open total changes
+    if bool((branch < 0).any()):
         branch_costs(gated, _fixed_example(gated))
-        all_open_flops(gated)
-        branch = torch.stack([g.branch_flops for g in gates]) if gates else branch
+        branch = torch.stack([g.branch_flops for g in gates])
     saved = ((1 - kept.to(branch.device)) * branch.double()).sum().item()
     cut = gated.meta[META_KEY].get("cut_flops", 0)
-    return 1 - (saved + cut) / (gated._cg_all_open_flops + cut)
+    return 1 - (saved + cut) / (all_open_flops(gated) + cut)
 
 
 def _fixed_example(gated) -> tuple[Tensor, ...]:

@@ -13,8 +13,7 @@ from torch import nn
 from ..consensus import consensus, fix_decisions, kept_fraction, unfix_decisions
 from ..cost import flops
 from ..errors import ModelFileError
-from ..fx.cut import cut_decisions
-from ..fx.graph_module import GatedModel, example_inputs_of
+from ..fx.graph_module import GatedModel, cut_decisions, example_inputs_of
 from ..fx.surgery import materialize
 from ..saving.files import export, load, model_spec, read_spec, rebuild_gated, save
 from ..training.checkpoint import model_from_checkpoint

@@ -18,7 +18,7 @@ from torch import nn
 from ..consensus import normalize_decision
 from ..cost import all_open_flops
 from ..gates.modules import Gate, LayerGate
-from .graph_module import GATES_ATTR, META_KEY, GatedModel, gate_nodes, require_gated
+from .graph_module import GATES_ATTR, META_KEY, cut_decisions, gate_nodes, require_gated
 from .surgery import unwire_layer_gate
 from .tracing import eliminate_dead_code
 
@@ -54,7 +54,7 @@ def cut_gates(model: nn.Module, decisions: Mapping[str, bool]) -> list[str]:
     meta = gated.meta[META_KEY]
     # A gate inside a removed branch never decides again: record it open, as materialize
     # would be free to (its branch is gone either way).
-    meta["cut"] = {**meta.get("cut", {}), **{
+    meta["cut"] = {**cut_decisions(gated), **{
         n: resolved.get(n, normalize_decision(gates[n], True)) for n in removed
     }}  # fmt: skip
     gated._cg_all_open_flops = None  # the network changed: measure it again
@@ -74,6 +74,8 @@ def _checked(gates: Mapping[str, Gate], decisions: Mapping[str, bool]) -> dict[s
     return out
 
 
-def cut_decisions(model: GatedModel) -> dict[str, bool | tuple[bool, ...]]:
-    """The decisions of the gates already cut out of `model` (none for a model never cut)."""
-    return dict(model.meta[META_KEY].get("cut", {}))
+def replay_cuts(model: nn.Module, cut: Mapping[str, bool | tuple[bool, ...]]) -> list[str]:
+    """Cut out of `model` again what a spec's or checkpoint's ``cut`` records: its layer
+    gates, with `cut_gates` (the channel gates it lists went with their branches)."""
+    gates = require_gated(model).gates
+    return cut_gates(model, {n: d for n, d in cut.items() if isinstance(gates.get(n), LayerGate)})

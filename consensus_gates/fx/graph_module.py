@@ -56,6 +56,13 @@ def example_inputs_of(model: nn.Module) -> tuple[Tensor, ...]:
     )
 
 
+def cut_decisions(model: nn.Module) -> dict[str, bool | tuple[bool, ...]]:
+    """The decisions of the gates cut out of `model` while training (`fx.cut`), none for a
+    model never cut; a channel gate's as a tuple (a spec read from JSON holds lists)."""
+    cut = require_gated(model).meta[META_KEY].get("cut", {})
+    return {n: tuple(d) if isinstance(d, list) else d for n, d in cut.items()}
+
+
 def gate_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, Gate]]:
     """The graph's gate calls, in graph order."""
     modules = dict(gm.named_modules())

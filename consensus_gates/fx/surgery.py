@@ -17,7 +17,14 @@ from ..consensus import Consensus, resolve_decisions
 from ..gates.modules import ChannelGate, LayerGate
 from .blocks import producer_chain
 from .fold import fold_closed_points
-from .graph_module import META_KEY, attr_name, example_inputs_of, gate_nodes, require_gated
+from .graph_module import (
+    META_KEY,
+    attr_name,
+    cut_decisions,
+    example_inputs_of,
+    gate_nodes,
+    require_gated,
+)
 from .positions import position_named
 from .tracing import eliminate_dead_code, is_inplace
 
@@ -61,7 +68,7 @@ def materialize(
         slim = slim_graph_module(copy.deepcopy(gated), resolved)
     meta = {k: v for k, v in gated.meta[META_KEY].items() if k not in ("cut", "cut_flops")}
     # every gate's decision, those cut while training too: `load` replays them all at once
-    decisions = {**gated.meta[META_KEY].get("cut", {}), **resolved}
+    decisions = {**cut_decisions(gated), **resolved}
     slim.meta[META_KEY] = {**meta, "kind": "slim", "decisions": decisions}
     return slim
 

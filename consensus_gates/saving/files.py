@@ -17,7 +17,7 @@ from .._utils import atomic_path, unwrap
 from ..config import GateConfig
 from ..consensus import normalize_decision
 from ..errors import ModelFileError
-from ..fx.cut import cut_gates
+from ..fx.cut import replay_cuts
 from ..fx.graph_module import META_KEY, GatedModel
 from ..fx.insert import insert_gates
 from ..fx.surgery import materialize
@@ -119,8 +119,8 @@ def rebuild(
     gated = rebuild_gated(spec, model, what)
     decisions = decisions_of(spec, gated, what)
     if spec.get("cut"):
-        cut = _cut_of(spec, gated, what)
-        _file_step(what, "cut the gates it cut while training", cut_gates, gated, cut)
+        cut = decisions_of(spec, gated, what, field="cut")
+        _file_step(what, "cut the gates it cut while training", replay_cuts, gated, cut)
     if spec["kind"] == "slim":
         return _file_step(what, "materialize its decisions", materialize, gated, decisions)
     for name, d in decisions.items():
@@ -215,12 +215,6 @@ def decisions_of(
             )
         out[name] = _file_step(what, f"read {field}.{name}", normalize_decision, gates[name], d)
     return out
-
-
-def _cut_of(spec: dict[str, Any], gated: GatedModel, what: str) -> dict[str, bool]:
-    """A gated spec's ``cut``: decisions of layer gates, and of channel gates inside them."""
-    cut = decisions_of(spec, gated, what, field="cut")
-    return {n: d for n, d in cut.items() if isinstance(gated.gates[n], LayerGate)}
 
 
 def load(

@@ -38,9 +38,8 @@ from .._utils import atomic_path, unwrap
 from ..consensus import consensus
 from ..cost import flops, flops_ratio
 from ..errors import TrainingDiverged
-from ..fx.cut import cut_gates
+from ..fx.cut import replay_cuts
 from ..fx.graph_module import GatedModel
-from ..gates.modules import LayerGate
 from ..losses import gate_losses
 from ..saving.files import model_spec
 from ..saving.spec import parse_spec
@@ -216,8 +215,7 @@ def _checkpoint_to_resume(run: _Run, identity: Mapping[str, Any] | None) -> dict
     checkpoint = check_resume(run.out, run.model, run.config, identity)
     cut = parse_spec(checkpoint["spec"], str(run.out / CHECKPOINT)).get("cut")
     if cut and run.gated is not None:
-        layer = {n: d for n, d in cut.items() if isinstance(run.gated.gates.get(n), LayerGate)}
-        cut_gates(run.gated, layer)
+        replay_cuts(run.gated, cut)
         run.net = _wrap(run.model, run.device, run.world)
     return checkpoint
 
