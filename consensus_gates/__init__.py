@@ -8,7 +8,8 @@ The pipeline, as README's table and docs/architecture.md give it:
 3. insert gates     `fx.insert` (`insert_gates`, `GateConfig`), `fx.graph_module`
                     (`GatedModel`), `gates` (gate modules and their heads)
 4. losses, training `losses` (polarization, activation); `training` (`train`, `TrainConfig`)
-5. consensus        `consensus`: read or pin each gate's shared decision
+5. consensus        `consensus`: read or pin each gate's shared decision; `budget`: the
+                    one that meets a FLOPs target (`project_to_budget`)
 6. surgery          `fx.surgery` (`materialize`): closed branches, channels and gates cut out
 7. save, export     `saving`: save / load without pickle, and torch.export
 8. cost, speed      `cost` (fvcore FLOPs), `bench` (latency, throughput, memory)
@@ -18,6 +19,7 @@ other pruning methods) and `cli` (the `cgates` command). The core, everything bu
 `training`, `bench`, `experiments`, `baselines` and `cli`, never imports those.
 """
 
+from .budget import project_to_budget
 from .config import GateConfig
 from .consensus import Consensus, consensus, fix_decisions, unfix_decisions
 from .cost import Cost, branch_costs, flops, flops_ratio
@@ -78,6 +80,7 @@ __all__ = [
     "load",
     "materialize",
     "polarization_loss",
+    "project_to_budget",
     "register_head",
     "register_model",
     "register_position",

@@ -78,7 +78,8 @@ def _analysis(model: nn.Module, example_inputs) -> Iterator[FlopCountAnalysis]:
 
 def branch_costs(model: nn.Module, example_inputs=None) -> OrderedDict[str, Cost]:
     """What each gate controls: the drop in FLOPs and parameters when it alone is closed (a
-    channel gate: all its channels).
+    channel gate: the drop when half its units close, times two, which is what
+    `flops_ratio`'s per-unit estimate needs).
 
     Measured with fvcore on the materialized model (per sample unless `example_inputs` says
     otherwise), so for layer gates ``flops(materialize(g, d))`` equals the all-open count minus
@@ -99,7 +100,15 @@ def branch_costs(model: nn.Module, example_inputs=None) -> OrderedDict[str, Cost
     base = cost(all_open)
     costs = OrderedDict()
     for name, gate in gates.items():
-        costs[name] = base - cost({**all_open, name: normalize_decision(gate, False)})
+        closed, scale = normalize_decision(gate, False), 1.0
+        if not isinstance(gate, LayerGate) and gate.units > 1:
+            # half the units closed, scaled up: what partly closing the gate saves per unit.
+            # Closing all of them can differ: a branch left constant is folded away, unless
+            # its constant depends on the input size (a padded conv), when it stays.
+            half = gate.units // 2
+            closed, scale = tuple(i >= half for i in range(gate.units)), gate.units / half
+        drop = base - cost({**all_open, name: closed})
+        costs[name] = Cost(round(drop.flops * scale), round(drop.params * scale))
         gate.branch_flops.fill_(costs[name].flops)
     return costs
 

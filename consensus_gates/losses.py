@@ -25,7 +25,8 @@ def _batch_means(model: nn.Module) -> tuple[list[Gate], list[Tensor]]:
             "the gates have no decisions yet: run a forward pass of the gated model before "
             f"computing its losses (gates without decisions: {', '.join(missing[:3])}...)"
         )
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not gates or not (dist.is_available() and dist.is_initialized()
+                         and dist.get_world_size() > 1):  # fmt: skip
         return gates, [g.decisions.float().mean(0) for g in gates]
     # One collective for all gates: their local sums and the local sample count, flattened.
     sums = [g.decisions.float().sum(0) for g in gates]

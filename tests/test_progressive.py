@@ -76,34 +76,89 @@ def test_the_final_model_is_what_materialize_gives_and_files_round_trip(tmp_path
     assert list(cg.load(tmp_path / "cut.safetensors").gates) == list(gated.gates)
 
 
-def test_cut_refuses_unknown_and_channel_gates():
+def test_cut_refuses_unknown_gates_and_channel_gates_alone():
     gated = _gated("both")
     with pytest.raises(KeyError, match="no gate named"):
         cut_gates(gated, {"layer9.9": False})
     channel = next(n for n in gated.gates if "/" in n)
-    with pytest.raises(ValueError, match="only layer gates"):
+    with pytest.raises(ValueError, match="cut only together with every other gate"):
         cut_gates(gated, {channel: False})
+
+
+def _some_channels_closed(gated) -> dict:
+    """Blocks 0 and 4 closed, the others open with every third channel of theirs closed."""
+    layers = _layer_gates(gated)
+    decisions = {n: i not in (0, 4) for i, n in enumerate(layers)}
+    for name, gate in gated.gates.items():
+        if isinstance(gate, cg.ChannelGate):
+            decisions[name] = tuple(i % 3 != 0 for i in range(gate.units))
+    return decisions
+
+
+@pytest.mark.parametrize("mode", ["both", "channel"])
+def test_a_channel_cut_changes_nothing_and_files_round_trip(mode, tmp_path):
+    gated = _gated(mode)
+    decisions = _some_channels_closed(gated)
+    cg.fix_decisions(gated, decisions)
+    reference = cg.materialize(copy.deepcopy(gated), decisions)
+    params = sum(p.numel() for p in gated.parameters())
+    with torch.no_grad():
+        before = gated(X)
+        cut_gates(gated, decisions)
+        after = gated(X)
+    assert torch.allclose(before, after, atol=1e-5) and not gated.gates
+    assert sum(p.numel() for p in gated.parameters()) < params
+    assert cg.flops(gated, X[:1]) == cg.flops(reference, X[:1])
+    with torch.no_grad():
+        assert torch.equal(cg.materialize(gated)(X), after)
+    cg.save(gated, tmp_path / "cut.safetensors")
+    with torch.no_grad():
+        assert torch.equal(cg.load(tmp_path / "cut.safetensors").eval()(X), after)
+
+
+def _sliced_by_hand(name: str, buffer: torch.Tensor, decisions: dict) -> torch.Tensor:
+    """ResNet-20's middle channel gate cuts conv1's outputs, bn1, and conv2's inputs."""
+    gate = ".".join(name.split(".")[:2]) + "/conv1"
+    if gate not in decisions:
+        return buffer
+    keep = torch.tensor(decisions[gate]).nonzero().flatten()
+    if ".conv1." in name or ".bn1." in name:
+        return buffer[keep]
+    return buffer[:, keep] if name.endswith("conv2.weight") else buffer
 
 
 def test_the_optimizer_carries_over():
     """One SGD step after a cut equals one step of a fresh optimizer on a network built
     without the cut units, given the same momentum buffers."""
-    gated = _gated().train()
+    _steps_after_a_cut(
+        "layer",
+        lambda gated: {n: i in (5,) for i, n in enumerate(_layer_gates(gated)) if i in (0, 5)},
+    )
+
+
+def test_the_optimizer_carries_over_a_channel_cut_with_sliced_momentum():
+    _steps_after_a_cut("both", _some_channels_closed)
+
+
+def _steps_after_a_cut(mode: str, decide) -> None:
+    gated = _gated(mode).train()
     opt = torch.optim.SGD(gated.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     for _ in range(2):
         opt.zero_grad()
         F.cross_entropy(gated(x), y).backward()
         opt.step()
-    names = _layer_gates(gated)
-    decisions = {names[0]: False, names[5]: True}
+    decisions = decide(gated)
     other = copy.deepcopy(gated)
     buffers = {n: opt.state[p]["momentum_buffer"].clone() for n, p in gated.named_parameters()}
     cut_settled(gated, opt, decisions)
     cut_gates(other, decisions)
     fresh = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     for n, p in other.named_parameters():
-        fresh.state[p]["momentum_buffer"] = buffers[n].clone()
+        fresh.state[p]["momentum_buffer"] = _sliced_by_hand(n, buffers[n], decisions).clone()
+    for n, p in gated.named_parameters():  # the cut sliced them so too
+        assert torch.equal(opt.state[p]["momentum_buffer"], fresh.state[
+            dict(other.named_parameters())[n]]["momentum_buffer"]), n  # fmt: skip
     assert len(opt.param_groups[0]["params"]) == len(list(other.parameters()))
     for model, optimizer in ((gated, opt), (other, fresh)):
         torch.manual_seed(1)
@@ -204,13 +259,28 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         gated = _progressive_gated()
         records = cg.train(gated, _data(48, seed=rank), None, CONFIG, log=lambda s: None)
         weights = {n: p.detach().clone() for n, p in gated.state_dict().items()}
-        torch.save({"cut": [r["cut"] for r in records], "weights": weights}, f"{out}/{rank}.pt")
+        # the projection onto a target: pinned (gates that take no gradient), and cut with
+        # the channels
+        projected = {}
+        for progressive in (False, True):
+            torch.manual_seed(0)
+            model = cg.insert_gates(cg.create_model("resnet20", num_classes=2), X,
+                                    cg.GateConfig(mode="both"))  # fmt: skip
+            config = cg.TrainConfig(epochs=4, lr=0.05, target=0.5, progress=False,
+                                    progressive=progressive)  # fmt: skip
+            runs = cg.train(model, _data(48, seed=rank), None, config, log=lambda s: None)
+            projected[progressive] = {
+                "records": [(r["projected"], r["cut"], r["flops_ratio"]) for r in runs],
+                "weights": {n: p.detach().clone() for n, p in model.state_dict().items()},
+            }
+        torch.save({"cut": [r["cut"] for r in records], "weights": weights,
+                    "projected": projected}, f"{out}/{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_under_ddp_every_rank_cuts_the_same_gates_at_the_same_step(tmp_path):
+def test_under_ddp_every_rank_cuts_and_projects_the_same_gates_at_the_same_step(tmp_path):
     import torch.multiprocessing as mp
     from test_distributed import _free_port
 
@@ -219,3 +289,11 @@ def test_under_ddp_every_rank_cuts_the_same_gates_at_the_same_step(tmp_path):
     assert a["cut"] == b["cut"] and sum(len(c) for c in a["cut"]) == 9
     assert a["weights"].keys() == b["weights"].keys()
     assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    for progressive in (False, True):
+        x, y = a["projected"][progressive], b["projected"][progressive]
+        assert x["records"] == y["records"] and x["records"][1][0] == 1  # projected at step 1
+        # BatchNorm's running statistics are each rank's own (DDP broadcasts rank 0's
+        # before each forward); everything else is the same
+        differ = [k for k in x["weights"] if not torch.equal(x["weights"][k], y["weights"][k])]
+        assert all(k.endswith(("running_mean", "running_var")) for k in differ)
+    assert len(a["projected"][True]["records"][1][1]) == 18  # every gate cut at once

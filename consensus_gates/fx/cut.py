@@ -1,9 +1,12 @@
 """Cut some gates out of a gated model in place, while it trains (progressive surgery).
 
-`cut_gates` is `materialize` for a subset of the layer gates, done on the model itself: a
-closed gate's branch is removed, an open gate's module goes and its branch stays, the other
-gates keep gating. The parameters that stay are the same tensors, so an optimizer can go on
-with them (`training.progressive` drops the others from it). What was cut is recorded in
+`cut_gates` is `materialize` for some of the gates, done on the model itself: a closed
+layer gate's branch is removed, an open one's module goes and its branch stays, and the
+other gates keep gating. Channel gates are cut with every gate left at once (once all are
+decided, as the projection onto a target decides them): torch-pruning removes their closed
+channels in place. A parameter that is not cut is the same tensor afterwards, so an
+optimizer can go on with it (`training.progressive` drops the others from it, and slices
+the state of those whose channels were cut). What was cut is recorded in
 ``meta["consensus_gates"]["cut"]``, so `save` and `load` rebuild the same network and
 `materialize` later records every decision, cut or not; ``"cut_flops"`` there is what the
 cuts saved, so that FLOPs ratios stay relative to the original model.
@@ -13,13 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+import torch.fx as fx
 from torch import nn
 
 from ..consensus import normalize_decision
 from ..cost import all_open_flops
-from ..gates.modules import Gate, LayerGate
+from ..gates.modules import ChannelGate, Gate, LayerGate
 from .graph_module import GATES_ATTR, META_KEY, cut_decisions, gate_nodes, require_gated
-from .surgery import unwire_layer_gate
+from .surgery import slim_graph_module, unwire_layer_gate
 from .tracing import eliminate_dead_code
 
 
@@ -31,18 +36,25 @@ def cut_gates(model: nn.Module, decisions: Mapping[str, bool]) -> list[str]:
     each named gate decides as given. Returns the names of every gate removed (those named,
     and channel gates in removed branches).
 
-    Raises KeyError for a name that is not a gate of the model, and ValueError for a channel
-    gate (channel gates are not cut while training) or a decision that is not a bool.
+    With channel gates, `decisions` must name every gate left: the whole surgery is done,
+    in place, and every gate goes.
+
+    Raises KeyError for a name that is not a gate of the model, and ValueError for a decision
+    that is not one of its gate's, or channel gates named without every other gate.
     """
     gated = require_gated(model)
     gates = gated.gates
     resolved = _checked(gates, decisions)
     before = all_open_flops(gated)
-    graph = gated.graph
-    for node, gate in gate_nodes(gated):
-        if gate.name in resolved:
-            unwire_layer_gate(graph, node, resolved[gate.name])
-    eliminate_dead_code(graph)
+    if any(isinstance(gates[n], ChannelGate) for n in resolved):
+        # torch-pruning traces through autograd (as in `materialize`)
+        with torch.inference_mode(False), torch.enable_grad():
+            _adopt(gated, slim_graph_module(gated, resolved))  # shares, so cuts, its modules
+    else:
+        for node, gate in gate_nodes(gated):
+            if gate.name in resolved:
+                unwire_layer_gate(gated.graph, node, resolved[gate.name])
+        eliminate_dead_code(gated.graph)
     called = {g.name for _, g in gate_nodes(gated)}
     removed = [name for name in gates if name not in called]
     container = getattr(gated, GATES_ATTR)
@@ -66,16 +78,48 @@ def _checked(gates: Mapping[str, Gate], decisions: Mapping[str, bool]) -> dict[s
     unknown = sorted(set(decisions) - set(gates))
     if unknown:
         raise KeyError(f"no gate named {unknown} to cut; the gates are {list(gates)}")
-    out = {}
-    for name, d in decisions.items():
-        if not isinstance(gates[name], LayerGate):
-            raise ValueError(f"{name} is a channel gate: only layer gates are cut while training")
-        out[name] = normalize_decision(gates[name], d)
-    return out
+    channel = [n for n in decisions if isinstance(gates[n], ChannelGate)]
+    left = [n for n in gates if n not in decisions]
+    if channel and left:
+        raise ValueError(
+            f"{channel[0]} is a channel gate: channel gates are cut only together with every "
+            f"other gate (not named: {left[:3]}{'...' if len(left) > 3 else ''})"
+        )
+    return {name: normalize_decision(gates[name], d) for name, d in decisions.items()}
+
+
+def _adopt(gated: fx.GraphModule, slim: fx.GraphModule) -> None:
+    """Make `slim`'s graph `gated`'s. `slim` was built on `gated` and shares its modules;
+    what the surgery added to it (index buffers, folded constants, out-of-place copies of
+    modules) and the parameters it replaced are set on `gated` under the same names."""
+    for node in slim.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        prefix, _, leaf = node.target.rpartition(".")
+        owner, value = gated.get_submodule(prefix), _attr(slim, node.target)
+        if getattr(owner, leaf, None) is value:
+            continue
+        if isinstance(value, nn.Module):
+            owner.add_module(leaf, value)
+        elif isinstance(value, nn.Parameter):
+            owner.register_parameter(leaf, value)
+        else:
+            owner.register_buffer(leaf, value)
+    gated.graph = slim.graph
+
+
+def _attr(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def replay_cuts(model: nn.Module, cut: Mapping[str, bool | tuple[bool, ...]]) -> list[str]:
     """Cut out of `model` again what a spec's or checkpoint's ``cut`` records: its layer
-    gates, with `cut_gates` (the channel gates it lists went with their branches)."""
-    gates = require_gated(model).gates
-    return cut_gates(model, {n: d for n, d in cut.items() if isinstance(gates.get(n), LayerGate)})
+    gates first, with `cut_gates` (the channel gates inside the closed branches go with
+    them), then the channel gates it lists that are still there, all at once."""
+    gated = require_gated(model)
+    layers = {n: d for n, d in cut.items() if isinstance(gated.gates.get(n), LayerGate)}
+    removed = cut_gates(gated, layers)
+    rest = {n: d for n, d in cut.items() if n in gated.gates}
+    return removed + (cut_gates(gated, rest) if rest else [])

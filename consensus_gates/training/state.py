@@ -40,6 +40,8 @@ class RunState:
             saved with the global torch, CUDA and Python RNG states.
         tracker: with ``config.progressive``, the gates' unanimous steps (`SettleTracker`).
             The gates already cut are in the model's spec, which the checkpoint holds.
+        projected: whether the gates were projected onto ``config.target`` and pinned
+            (`TrainConfig.projection`); the pinned decisions are in the model's spec.
         train_flops: the training FLOPs so far: 3 × the training model's forward FLOPs per
             sample (forward, and a backward of about twice that) × the samples, all
             processes'.
@@ -57,6 +59,7 @@ class RunState:
     generator: torch.Generator | None = None
     tracker: SettleTracker | None = None
     train_flops: float = 0.0
+    projected: bool = False
 
     @classmethod
     def start(
@@ -95,6 +98,7 @@ class RunState:
             "identity": json.dumps(self.identity),
             "settle": self.tracker.state_dict() if self.tracker is not None else None,
             "train_flops": self.train_flops,
+            "projected": self.projected,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -114,6 +118,7 @@ class RunState:
         if self.tracker is not None:
             self.tracker.load_state_dict(state["settle"])
         self.train_flops = state.get("train_flops", 0.0)  # none in older checkpoints
+        self.projected = state.get("projected", False)
 
     def rebuild_optimizer(self) -> None:
         """An optimizer over the model's new parameters (after `epoch_end` replaced them) at

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .._utils import atomic_path, unwrap
+from ..budget import project_to_budget
 from ..consensus import consensus
 from ..cost import flops, flops_ratio
 from ..errors import TrainingDiverged
@@ -46,7 +47,7 @@ from ..saving.spec import parse_spec
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .plots import plot_curves, plot_gates
-from .progressive import cut_settled
+from .progressive import cut_settled, pin_gates
 from .runs import CHECKPOINT, METRICS, check_folder, check_resume, claim_folder
 from .state import RunState
 
@@ -163,6 +164,7 @@ class _Epoch:
     lambda_polar: float
     began: float = field(default_factory=time.time)
     cut: list[dict[str, Any]] = field(default_factory=list)  # gates cut out in this epoch
+    projected: int | None = None  # the step at which the gates were projected onto the target
     train_seconds: float = 0.0  # the steps' wall time, without the evaluation
     # summed over the steps: the loss, task, polar and act losses, the correct predictions
     # and the samples
@@ -211,12 +213,16 @@ def _set_up(
 def _checkpoint_to_resume(run: _Run, identity: Mapping[str, Any] | None) -> dict[str, Any]:
     """The checkpoint in ``run.out``, if it is of the same run (`check_resume`); the gates it
     had cut out while training are cut out of ``run.model`` too, so that the optimizer is
-    built over the same parameters."""
+    built over the same parameters, and the gates it had projected are pinned again."""
     checkpoint = check_resume(run.out, run.model, run.config, identity)
-    cut = parse_spec(checkpoint["spec"], str(run.out / CHECKPOINT)).get("cut")
-    if cut and run.gated is not None:
-        replay_cuts(run.gated, cut)
-        run.net = _wrap(run.model, run.device, run.world)
+    spec = parse_spec(checkpoint["spec"], str(run.out / CHECKPOINT))
+    if run.gated is None:
+        return checkpoint
+    if spec.get("cut"):
+        replay_cuts(run.gated, spec["cut"])
+    if checkpoint.get("projected"):
+        pin_gates(run.gated, spec.get("fixed", {}))
+    run.net = _wrap(run.model, run.device, run.world)
     return checkpoint
 
 
@@ -258,6 +264,8 @@ def _train_step(run: _Run, state: RunState, stats: _Epoch, x, y) -> torch.Tensor
     """One SGD step on a batch (and one controller step); return its loss, task, polar and
     act losses and correct predictions, as float64 on the CPU: one device sync per step."""
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    if _projection_due(run, state, stats):
+        _project(run, state, stats)
     logits = run.net(x)
     task = F.cross_entropy(logits, y)
     if run.gated is not None:
@@ -271,7 +279,7 @@ def _train_step(run: _Run, state: RunState, stats: _Epoch, x, y) -> torch.Tensor
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()
-    if state.controller is not None:
+    if state.controller is not None and not state.projected:
         state.lambda_act = state.controller.step()
     settled = {}
     if state.tracker is not None and stats.lambda_polar > 0:
@@ -301,6 +309,39 @@ def _cut(run: _Run, state: RunState, stats: _Epoch, settled: dict[str, bool]) ->
     stats.cut += [{"gate": n, "open": d, "step": stats.steps + 1} for n, d in settled.items()]
     run.net = _wrap(run.model, run.device, run.world)
     run.forward_flops = None
+
+
+def _projection_due(run: _Run, state: RunState, stats: _Epoch) -> bool:
+    """Whether this step projects the gates onto the target: the first step after the
+    setpoint's ramp with λ_polar above 0 (`TrainConfig.projection`)."""
+    c = state.controller
+    return (c is not None and run.config.projection and not state.projected
+            and stats.lambda_polar > 0 and c.steps >= c.ramp_steps)  # fmt: skip
+
+
+def _project(run: _Run, state: RunState, stats: _Epoch) -> None:
+    """Round the gates onto the target (`project_to_budget`) and pin them there; with
+    `progressive`, cut every gate out at once instead, closed blocks and channels with them.
+    The same on every rank: the running open rates it ranks by are the global batches'."""
+    config = run.config
+    decisions = project_to_budget(run.gated, config.target, config.target_kind)
+    if config.progressive:
+        _cut(run, state, stats, decisions)
+    else:
+        pin_gates(run.gated, decisions)
+        run.net = _wrap(run.model, run.device, run.world)
+    state.projected, state.lambda_act = True, 0.0
+    stats.projected = stats.steps + 1
+    if run.rank == 0:
+        run.log(
+            f"epoch {stats.index + 1}, step {stats.projected}: gates projected onto the target "
+            f"{config.target:g}: {config.target_kind} ratio {_projected_size(run):.3f}"
+        )
+
+
+def _projected_size(run: _Run) -> float:
+    c = consensus(run.gated)
+    return flops_ratio(run.gated, c) if run.config.target_kind == "flops" else c.open_ratio
 
 
 def _check_finite(run: _Run, state: RunState, stats: _Epoch, values: torch.Tensor) -> None:
@@ -390,6 +431,7 @@ def _record(
     record["model_params"] = sum(p.numel() for p in run.model.parameters())
     record["train_flops"] = state.train_flops
     record["cut"] = list(stats.cut) if run.config.progressive else None
+    record["projected"] = stats.projected
     return record
 
 
