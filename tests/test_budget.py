@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import consensus_gates as cg
+from consensus_gates.budget import SWAPPED
 
 from conftest import randomize
 
@@ -45,9 +46,11 @@ def test_layer_gates_keep_the_top_ranked_blocks_within_half_a_block(target):
     half_block = max(c.flops for c in costs.values()) / total / 2
     assert abs(cg.flops_ratio(gated, d) - target) <= half_block + 1e-9
     assert _true_ratio(gated, d) == pytest.approx(cg.flops_ratio(gated, d), abs=1e-9)
-    opened = [_rate(gated, n, 0) for n, v in d.items() if v]
-    closed = [_rate(gated, n, 0) for n, v in d.items() if not v]
-    assert min(opened, default=1) >= max(closed, default=0)  # a prefix of the ranking
+    # the top-ranked blocks, but for a few each side of the cut tried in every combination
+    ranked = sorted(d, key=lambda n: -_rate(gated, n, 0))
+    kept, swapped = sum(d.values()), 2 * SWAPPED
+    assert all(d[n] for n in ranked[: max(kept - swapped, 0)])
+    assert not any(d[n] for n in ranked[kept + swapped :])
 
 
 @pytest.mark.parametrize("target", (0.3, 0.55, 0.8))
@@ -102,8 +105,12 @@ def _trained(mode: str, **kw) -> tuple[cg.GatedModel, list[dict]]:
     return gated, cg.train(gated, _data(), None, _config(**kw), log=lambda s: None)
 
 
-@pytest.mark.parametrize(("mode", "tolerance"), [("layer", 0.06), ("both", 0.03)])
+@pytest.mark.parametrize(
+    ("mode", "tolerance"), [("layer", 0.06), ("both", 0.03), ("channel", 0.05)]
+)
 def test_training_with_a_target_ends_on_it_polarized(mode, tolerance):
+    """The target method, and channel gates polarized, on a small synthetic problem in 16
+    steps."""
     gated, records = _trained(mode)
     # the ramp ends in epoch 1 of 4 and λ_polar rises in epoch 2: projected at its first step
     assert [r["projected"] for r in records] == [None, 1, None, None]

@@ -80,7 +80,7 @@ def _train(
     data_root: str, out: Path, overwrite: bool, epochs: int, subset: int, target: float,
     progress: bool,
 ) -> tuple[nn.Module, GatedModel, torch.Tensor, DataLoader, dict]:  # fmt: skip
-    """Step 1: a gated ResNet-20 trained on Fashion-MNIST into `out`, cutting settled gates
+    """Step 1: a gated ResNet-20 trained on Fashion-MNIST into `out`, cutting decided gates
     out as it goes; the original model, the gated one, example inputs, the test loader and
     what the training cost."""
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def _train(
     gated = insert_gates(model, x)
     uncut = 3 * flops(gated, x[:1]).flops * len(train_loader.dataset) * epochs
     click.echo(f"1/3 training {epochs} epochs on {len(train_loader.dataset):,} images, "
-               "cutting settled gates out as it goes")  # fmt: skip
+               "cutting decided gates out as it goes")  # fmt: skip
     config = TrainConfig(epochs=epochs, target=target, progress=progress, progressive=True)
     records = train(gated, train_loader, test_loader, config, out_dir=out, overwrite=overwrite,
                     log=click.echo)  # fmt: skip
@@ -155,7 +155,7 @@ def _print(report: dict, batch: int, rounds: int) -> None:
     )
     t = report["training"]
     click.echo(
-        f"\ntraining: {t['gates_cut']} gates cut out as they settled; training FLOPs "
+        f"\ntraining: {t['gates_cut']} gates cut out while training; training FLOPs "
         f"{t['flops_ratio']:.3f} of the same run without cuts; {t['seconds']:.0f} s of steps"
     )
     if t["uncut_seconds"]:

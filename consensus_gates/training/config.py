@@ -66,10 +66,12 @@ class TrainConfig:
         seed: seeds the torch and Python RNGs when training starts (a resumed run restores
             its saved RNG states instead).
         progress: show a progress bar of each epoch's steps (on rank 0).
-        progressive: cut settled layer gates out of the model while it trains
-            (`training.progressive`): a gate that made the same decision for every sample
-            of `settle_steps` consecutive steps, all while λ_polar > 0, is cut (a closed one
-            with its branch), and training goes on with the smaller network.
+        progressive: cut decided gates out of the model while it trains
+            (`training.progressive`), and go on with the smaller network: with a target,
+            every gate at the projection (closed blocks and channels with them); before it,
+            or without a target, a layer gate that made the same decision for every sample
+            of `settle_steps` consecutive steps, all while λ_polar > 0 (a closed one with
+            its branch).
         settle_steps: how many consecutive unanimous steps settle a gate, for `progressive`.
             20 (2,560 samples at batch 128) cut ResNet-20's gates half an epoch sooner than
             50 did on Fashion-MNIST, at the same accuracy (docs/training.md).
