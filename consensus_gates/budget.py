@@ -12,6 +12,7 @@ over and λ_polar has risen (`TrainConfig.projection`).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -53,65 +54,84 @@ def project_to_budget(
     if kind not in ("flops", "open"):
         raise ValueError(f"kind must be 'flops' or 'open', got {kind!r}")
     gated = require_gated(model)
-    gates = gated.gates
-    if not gates:
+    if not gated.gates:
         raise ValueError("the model has no gates left to decide (all were cut while training)")
-    units = [(name, i) for name, g in gates.items() for i in range(max(g.units, 1))]
-    rates = torch.cat([g.running_open_rate.detach().float().cpu().reshape(-1)
-                       for g in gates.values()])  # fmt: skip
-    # stable: equal rates keep the gates' order
-    ranked = [units[j] for j in torch.sort(rates, descending=True, stable=True).indices.tolist()]
+    budget = _Budget(gated, target, kind)
+    return budget.decisions(min(budget.candidates(), key=budget.rank))
 
-    def decisions(opened: list[tuple[str, int]]) -> dict[str, Decision]:
+
+Unit = tuple[str, int]  # a gate's name and the index of one of its units
+
+
+class _Budget:
+    """The search: gate units ranked by running open rate, sub-networks sized by them."""
+
+    def __init__(self, gated, target: float, kind: str):
+        self.gated, self.gates, self.target, self.kind = gated, gated.gates, target, kind
+        units = [(name, i) for name, g in self.gates.items() for i in range(max(g.units, 1))]
+        rates = torch.cat([g.running_open_rate.detach().float().cpu().reshape(-1)
+                           for g in self.gates.values()])  # fmt: skip
+        order = torch.sort(rates, descending=True, stable=True).indices  # ties: gate order
+        self.ranked = [units[j] for j in order.tolist()]
+
+    def decisions(self, opened: list[Unit]) -> dict[str, Decision]:
         keep = set(opened)
         out: dict[str, Decision] = {}
-        for name, g in gates.items():
+        for name, g in self.gates.items():
             if isinstance(g, ChannelGate):
                 out[name] = tuple((name, i) in keep for i in range(g.units))
             else:
                 out[name] = (name, 0) in keep
-        if kind == "flops":  # a closed branch takes its channel gates with it
-            for name, g in gates.items():
+        if self.kind == "flops":  # a closed branch takes its channel gates with it
+            for name, g in self.gates.items():
                 if isinstance(g, ChannelGate) and out.get(g.block) is False:
                     out[name] = (True,) * g.units
         return out
 
-    def size(opened: list[tuple[str, int]]) -> float:
-        d = decisions(opened)
-        if kind == "flops":
-            return flops_ratio(gated, d)
+    def size(self, opened: list[Unit]) -> float:
+        d = self.decisions(opened)
+        if self.kind == "flops":
+            return flops_ratio(self.gated, d)
         return sum(kept_fraction(v) for v in d.values()) / len(d)
 
-    def fewest(n: int, reached) -> int:
-        """The least ``j`` in [0, n] with ``reached(j)``, for a `reached` that stays true."""
-        lo, hi = 0, n
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if reached(mid) else (mid + 1, hi)
-        return lo
+    def rank(self, opened: list[Unit]) -> tuple[float, int]:
+        """Closest to the target first; then the larger."""
+        return abs(self.size(opened) - self.target), -len(opened)
 
-    # The top-ranked units up to the target. A layer gate's block is a big step, so the gap
-    # it leaves is closed with channels: the next-ranked ones opened below it, or the
-    # lowest-ranked open ones closed above it.
-    k = fewest(len(ranked), lambda j: size(ranked[:j]) >= target)
-    below, above = ranked[: max(k - 1, 0)], ranked[:k]
-    fill = [u for u in ranked[len(below) :] if isinstance(gates[u[0]], ChannelGate)]
-    trim = [u for u in reversed(above) if isinstance(gates[u[0]], ChannelGate)]
-    m = fewest(len(fill), lambda j: size(below + fill[:j]) >= target)
-    t = fewest(len(trim), lambda j: size(_without(above, trim[:j])) <= target)
-    candidates = [above, below + fill[: max(m - 1, 0)], below + fill[:m],
-                  _without(above, trim[:t]), _without(above, trim[: max(t - 1, 0)])]  # fmt: skip
-    # Blocks differ in cost (a downsampling one is cheaper), so the layer gates ranked
-    # nearest the cut are also tried in every combination: the last few opened, the first
-    # few closed.
-    layers = [i for i, u in enumerate(ranked) if isinstance(gates[u[0]], LayerGate)]
-    near = [ranked[i] for i in layers if i < k][-SWAPPED:]
-    near += [ranked[i] for i in layers if i >= k][:SWAPPED]
-    rest = _without(above, near)
-    for chosen in itertools.product((False, True), repeat=len(near)):
-        candidates.append(rest + [u for u, c in zip(near, chosen, strict=True) if c])
-    best = min(candidates, key=lambda o: (abs(size(o) - target), -len(o)))
-    return decisions(best)
+    def candidates(self) -> list[list[Unit]]:
+        """The top-ranked units up to the target, and the refinements around where they end
+        (`project_to_budget`)."""
+        ranked, target = self.ranked, self.target
+        k = _fewest(len(ranked), lambda j: self.size(ranked[:j]) >= target)
+        below, above = ranked[: max(k - 1, 0)], ranked[:k]
+        channel = [u for u in ranked if isinstance(self.gates[u[0]], ChannelGate)]
+        # channels close the gap a block leaves: opened below it, or closed above it
+        opened_below, opened_above = set(below), set(above)
+        fill = [u for u in channel if u not in opened_below]
+        trim = [u for u in reversed(channel) if u in opened_above]
+        m = _fewest(len(fill), lambda j: self.size(below + fill[:j]) >= target)
+        t = _fewest(len(trim), lambda j: self.size(_without(above, trim[:j])) <= target)
+        out = [above, below + fill[: max(m - 1, 0)], below + fill[:m],
+               _without(above, trim[:t]), _without(above, trim[: max(t - 1, 0)])]  # fmt: skip
+        # blocks differ in cost (a downsampling one is cheaper): the layer gates ranked
+        # nearest the cut, the last few opened and the first few closed, in every combination
+        layers = [i for i, u in enumerate(ranked) if isinstance(self.gates[u[0]], LayerGate)]
+        near = [ranked[i] for i in layers if i < k][-SWAPPED:]
+        near += [ranked[i] for i in layers if i >= k][:SWAPPED]
+        rest = _without(above, near)
+        for chosen in itertools.product((False, True), repeat=len(near)):
+            out.append(rest + [u for u, c in zip(near, chosen, strict=True) if c])
+        return out
+
+
+def _fewest(n: int, reached: Callable[[int], bool]) -> int:
+    """The least ``j`` in [0, n] with ``reached(j)``, for a `reached` that stays true once
+    it is (the size grows with each unit opened): bisection."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reached(mid) else (mid + 1, hi)
+    return lo
 
 
 def _without(units: list, dropped: list) -> list:

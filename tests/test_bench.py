@@ -230,3 +230,21 @@ def test_progressive_training_benchmark_quick_mode_runs(tmp_path):
     # cutting can only lower the training FLOPs (tests/test_progressive.py checks the cuts)
     assert float(rows["progressive"][9]) <= 1.0 == float(rows["gates"][9])
     assert float(rows["dense"][3]) == 1.0 and float(rows["gates"][3]) <= 1.0  # FLOPs ratios
+
+
+@pytest.mark.slow
+def test_target_reaching_benchmark_quick_mode_meets_its_target(tmp_path):
+    """examples/benchmarks/target_reaching.py --quick on a small fake Fashion-MNIST: one
+    projected run with channel gates, which must end on its target."""
+    from conftest import fake_fashion_mnist
+
+    root = fake_fashion_mnist(tmp_path / "data", n_train=256, n_test=64)
+    script = ROOT / "examples" / "benchmarks" / "target_reaching.py"
+    cmd = [sys.executable, str(script), "--quick", "--data-root", str(root), "--subset", "256",
+           "--targets", "0.45", "--heads", "ste", "--modes", "both"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (row,) = [r.split("|") for r in run.stdout.splitlines() if r.startswith("| both")]
+    target, ratio, fvcore, within = (row[i].strip() for i in (3, 4, 5, 7))
+    assert target == "0.45" and abs(float(ratio) - 0.45) <= 0.03 and within.startswith("yes")
+    assert abs(float(fvcore) - float(ratio)) <= 0.01  # the estimate is what fvcore counts

@@ -1,5 +1,6 @@
 """``gates``: ours. Gates inserted, weights and gates trained for the whole budget in one pass
-(the FLOPs target, if any, reached by the trainer's controller), the consensus cut out."""
+(the FLOPs target, if any, met by the trainer's controller and projection), the consensus cut
+out."""
 
 from __future__ import annotations
 
