@@ -13,7 +13,7 @@ from consensus_gates.budget import SWAPPED
 from conftest import randomize
 
 X = torch.randn(4, 3, 8, 8)
-TARGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+TARGETS = (0.3, 0.45, 0.6, 0.8)
 
 
 def _gated(mode: str, seed: int = 0) -> cg.GatedModel:
@@ -105,9 +105,7 @@ def _trained(mode: str, **kw) -> tuple[cg.GatedModel, list[dict]]:
     return gated, cg.train(gated, _data(), None, _config(**kw), log=lambda s: None)
 
 
-@pytest.mark.parametrize(
-    ("mode", "tolerance"), [("layer", 0.06), ("both", 0.03), ("channel", 0.05)]
-)
+@pytest.mark.parametrize(("mode", "tolerance"), [("layer", 0.06), ("both", 0.03)])
 def test_training_with_a_target_ends_on_it_polarized(mode, tolerance):
     """The target method, and channel gates polarized, on a small synthetic problem in 16
     steps."""
