@@ -103,9 +103,10 @@ def _kept_elements(gated: GatedModel, decisions: dict[str, Any]) -> dict[str, to
         for p in twin.parameters():
             p.copy_(torch.arange(p.numel(), dtype=torch.float64).view_as(p))
     cut_gates(twin, decisions)
+    originals = dict(gated.named_parameters())
     out = {}
     for name, p in twin.named_parameters():
-        original = dict(gated.named_parameters()).get(name)
+        original = originals.get(name)
         exact = (
             original is not None
             and original.numel() < 2**24

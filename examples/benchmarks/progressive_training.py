@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _fashion_mnist_runs import add_data_options, resnet20_and_loaders, run_fresh
 
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("dense", "gates", "progressive")
@@ -29,20 +29,9 @@ KINDS = ("dense", "gates", "progressive")
 
 def one_run(kind: str, seed: int, args: argparse.Namespace) -> dict:
     """Train one model in this process; what it cost and reached."""
-    import torch
-
     import consensus_gates as cg
-    from consensus_gates.bench.measure import keep_freed_memory
-    from consensus_gates.training.data import make_loaders
 
-    keep_freed_memory()  # as `cgates train` does; without it the steps took 4.9x as long here
-    torch.manual_seed(seed)
-    train_loader, test_loader, info = make_loaders(
-        "fashion_mnist", args.data_root, batch_size=128, subset=args.subset, seed=seed
-    )
-    model = cg.create_model("resnet20", in_channels=info.in_channels,
-                            num_classes=info.num_classes)  # fmt: skip
-    x = torch.randn(2, info.in_channels, info.image_size, info.image_size)
+    model, train_loader, test_loader, x = resnet20_and_loaders(args, seed)
     config = cg.TrainConfig(epochs=args.epochs, seed=seed, progress=False)
     if kind != "dense":
         model = cg.insert_gates(model, x)
@@ -95,9 +84,7 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--subset", type=int, default=8000)
+    add_data_options(p)
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--settle-steps", type=int, default=20)
     p.add_argument("--seeds", default="0,1,2")
@@ -111,10 +98,7 @@ def main() -> None:
     results = []
     for seed in seeds:
         for kind in KINDS:
-            cmd = [sys.executable, __file__, "--one", kind, str(seed), *sys.argv[1:]]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            results.append(json.loads(out.strip().splitlines()[-1]))
-            print(results[-1], flush=True)
+            results.append(run_fresh(__file__, kind, str(seed)))
     text = table(results, args)
     print(text)
     if not args.quick:

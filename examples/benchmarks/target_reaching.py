@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from _fashion_mnist_runs import add_data_options, resnet20_and_loaders, run_fresh
 
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = {"layer": 0.06, "both": 0.03, "channel": 0.05}  # issue 13's bounds
@@ -28,20 +28,9 @@ DEFAULTS = {"targets": "0.3,0.4,0.5,0.6,0.7,0.8", "heads": "ste,gumbel", "modes"
 
 def one_run(target: float, head: str, mode: str, args: argparse.Namespace) -> dict:
     """Train one gated model in this process; where it ended."""
-    import torch
-
     import consensus_gates as cg
-    from consensus_gates.bench.measure import keep_freed_memory
-    from consensus_gates.training.data import make_loaders
 
-    keep_freed_memory()
-    torch.manual_seed(args.seed)
-    train_loader, test_loader, info = make_loaders(
-        "fashion_mnist", args.data_root, batch_size=128, subset=args.subset, seed=args.seed
-    )
-    model = cg.create_model("resnet20", in_channels=info.in_channels,
-                            num_classes=info.num_classes)  # fmt: skip
-    x = torch.randn(2, info.in_channels, info.image_size, info.image_size)
+    model, train_loader, test_loader, x = resnet20_and_loaders(args, args.seed)
     gated = cg.insert_gates(model, x, cg.GateConfig(mode=mode, head=head))
     original = cg.flops(cg.materialize(gated, {n: True for n in gated.gates}), x[:1]).flops
     config = cg.TrainConfig(epochs=args.epochs, seed=args.seed, progress=False, target=target,
@@ -82,9 +71,7 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--subset", type=int, default=8000)
+    add_data_options(p)
     p.add_argument("--seed", type=int, default=0)
     for name, default in DEFAULTS.items():
         p.add_argument(f"--{name}", default=default)
@@ -99,10 +86,7 @@ def main() -> None:
             for t in args.targets.split(",")]  # fmt: skip
     results = []
     for target, head, mode in grid[:1] if args.quick else grid:
-        cmd = [sys.executable, __file__, "--one", target, head, mode, *sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-        print(results[-1], flush=True)
+        results.append(run_fresh(__file__, target, head, mode))
     text = table(results, args)
     print(text)
     if not args.quick:
