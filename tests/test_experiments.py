@@ -418,6 +418,15 @@ density_scale = 0.5
     for label in ("layer drop", "dropout", "magnitude"):
         assert 0 < by_label[label]["reused_seconds"] <= by_label[label]["wall_seconds"]
     assert len(list((out / "cache").glob("*.safetensors"))) == 1
+    # training FLOPs against dense training for the run's epochs; each epoch at the size
+    # the model had then (a reused dense training counted too)
+    for label in ("dense", "layer drop", "dropout"):
+        assert by_label[label]["train_flops_ratio"] == pytest.approx(1, rel=1e-12), label
+    assert by_label["dense"]["train_flops"] == by_label["dropout"]["train_flops"]
+    assert 1 < ours["train_flops_ratio"] < 1.05  # the gates' own FLOPs, nothing cut while training
+    assert tp["train_flops_ratio"] == pytest.approx((1 + 2 * tp["flops_ratio"]) / 2, rel=1e-9)
+    dens = by_label["density"]  # epoch 1 dense, epoch 2 at the final size
+    assert dens["train_flops_ratio"] == pytest.approx((1 + dens["flops_ratio"]) / 2, rel=1e-9)
 
     files = sorted((out / "tiny").glob("*.json"))
     stamps = [f.stat().st_mtime_ns for f in files]

@@ -162,6 +162,10 @@ def run_one(
         "epochs_total": result.epochs,
         "wall_seconds": seconds + result.reused_seconds,
         "reused_seconds": result.reused_seconds,
+        "train_flops": ctx.train_flops,
+        # to training the dense network for the run's epochs; drop_last: full batches only
+        "train_flops_ratio": ctx.train_flops
+        / (3 * before.flops * len(train_loader) * train_loader.batch_size * run.epochs),
         **result.extra,
     }
     if run.latency.enabled:

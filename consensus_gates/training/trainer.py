@@ -389,6 +389,7 @@ def _parameters_replaced(run: _Run, state: RunState, epoch: int) -> None:
         _require_spec(run.model, f"epoch_end changed the model after epoch {epoch + 1}")
     state.rebuild_optimizer()
     run.net = _wrap(run.model, run.device, run.world)
+    run.forward_flops = None  # counted again on the new model
 
 
 def _record(

@@ -56,6 +56,9 @@ class RunContext:
     cache_dir: Path
     work_dir: Path
     log: Callable[[str], None] = print
+    # what `fit` and `dense_model` spent, a reused dense training included: the trainer's
+    # count, 3 x the training model's forward FLOPs per sample
+    train_flops: float = 0.0
 
     @property
     def options(self) -> Any:

@@ -32,8 +32,11 @@ def fit(
     the `TrainConfig`. No test set: the runner evaluates the final model once. A run without
     a results file starts again from scratch, so its `out_dir` is overwritten."""
     config = replace(ctx.run.train, **recipe)
-    return train(model, ctx.train_loader, None, config, out_dir=out_dir, device=ctx.run.device,
-                 overwrite=True, log=ctx.log, epoch_end=epoch_end)  # fmt: skip
+    records = train(model, ctx.train_loader, None, config, out_dir=out_dir,
+                    device=ctx.run.device, overwrite=True, log=ctx.log,
+                    epoch_end=epoch_end)  # fmt: skip
+    ctx.train_flops += records[-1]["train_flops"] if records else 0.0
+    return records
 
 
 def dense_model(ctx: RunContext, epochs: int) -> tuple[nn.Module, float]:
@@ -58,19 +61,23 @@ def dense_model(ctx: RunContext, epochs: int) -> tuple[nn.Module, float]:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = ctx.cache_dir / f"dense-{run.model}-e{epochs}-s{ctx.seed}-{digest}.safetensors"
     info = path.with_suffix(".json")
-    if path.is_file() and info.is_file():
-        seconds = json.loads(info.read_text())["seconds"]
+    cached = json.loads(info.read_text()) if path.is_file() and info.is_file() else {}
+    if "train_flops" in cached:  # older caches did not count them: trained again
+        seconds = cached["seconds"]
         ctx.log(f"  reusing the dense model of {epochs} epochs in {path} ({seconds:.0f} s)")
+        ctx.train_flops += cached["train_flops"]
         return load(path, device=run.device).train(), seconds
     began = time.perf_counter()
     # A hit draws no random numbers; keep a miss from drawing any either, so a run gives the
     # same numbers whichever run trained the cached model first.
     state = ctx.train_loader.generator.get_state() if ctx.train_loader.generator else None
+    spent = ctx.train_flops
     with torch.random.fork_rng():
         fit(ctx, ctx.model, epochs=epochs)
     if state is not None:
         ctx.train_loader.generator.set_state(state)
     save(ctx.model, path)
+    cost = {"seconds": time.perf_counter() - began, "train_flops": ctx.train_flops - spent}
     with atomic_path(info) as tmp:
-        tmp.write_text(json.dumps({**key, "seconds": time.perf_counter() - began}, indent=2))
+        tmp.write_text(json.dumps({**key, **cost}, indent=2))
     return ctx.model, 0.0
