@@ -46,17 +46,25 @@ def _batch_means(model: nn.Module) -> tuple[list[Gate], list[Tensor]]:
     return gates, [p.view_as(s) / n for p, s in zip(parts, sums, strict=True)]
 
 
-def polarization_loss(model: nn.Module) -> Tensor:
+ChannelTerm = Literal["mean", "sum"]
+
+
+def polarization_loss(model: nn.Module, channels: ChannelTerm = "mean") -> Tensor:
     """Eq. 7: the mean over gates of ``(1 - ḡ) ḡ``, ``ḡ`` being a gate's batch-mean decision
     in the last forward pass; for channel gates eq. 8, the mean over channels first. Zero when
     every gate is open for all samples or closed for all: the consensus sub-network.
     Differentiable through the gate heads.
 
+    ``channels="sum"`` sums a channel gate's terms over its channels instead (a deviation
+    from the paper): each channel is then pulled as hard as a layer gate, where eq. 8 pulls
+    it 1/C as hard. The value is then no longer within [0, 1/4]; it is never below eq. 8's.
+
     Under torch.distributed ḡ is the global batch mean, over every rank's shard, so each rank
     gets the same value and, after DistributedDataParallel averages the gradients, the
     gradient of one process on the whole batch."""
+    _check_channels(channels)
     _, means = _batch_means(model)
-    return _polarization(means)
+    return _polarization(means, channels)
 
 
 def activation_loss(model: nn.Module, weight: Literal["uniform", "flops"] = "uniform") -> Tensor:
@@ -73,18 +81,30 @@ def activation_loss(model: nn.Module, weight: Literal["uniform", "flops"] = "uni
 
 
 def gate_losses(
-    model: nn.Module, weight: Literal["uniform", "flops"] = "uniform"
+    model: nn.Module,
+    weight: Literal["uniform", "flops"] = "uniform",
+    channels: ChannelTerm = "mean",
 ) -> tuple[Tensor, Tensor]:
-    """``(polarization_loss(model), activation_loss(model, weight))`` from one pass over the
-    gates' decisions (under torch.distributed, one all-reduce instead of two)."""
+    """``(polarization_loss(model, channels), activation_loss(model, weight))`` from one pass
+    over the gates' decisions (under torch.distributed, one all-reduce instead of two)."""
+    _check_channels(channels)
     gates, means = _batch_means(model)
-    return _polarization(means), _activation(model, gates, means, weight)
+    return _polarization(means, channels), _activation(model, gates, means, weight)
 
 
-def _polarization(means: list[Tensor]) -> Tensor:
+def _check_channels(channels: str) -> None:
+    if channels not in ("mean", "sum"):
+        raise ValueError(
+            f"channels must be 'mean' (eq. 8, the paper's) or 'sum', got {channels!r}"
+        )
+
+
+def _polarization(means: list[Tensor], channels: ChannelTerm) -> Tensor:
     if not means:  # every gate was cut out while training (a 0-d tensor adds to any device)
         return torch.zeros(())
-    return torch.stack([((1 - m) * m).mean() for m in means]).mean()
+    terms = [(1 - m) * m for m in means]  # a layer gate's is 0-d: its sum is its mean
+    reduce = torch.mean if channels == "mean" else torch.sum
+    return torch.stack([reduce(t) for t in terms]).mean()
 
 
 def _activation(model: nn.Module, gates: list[Gate], means: list[Tensor], weight: str) -> Tensor:

@@ -194,6 +194,12 @@ def test_polarization_eq8_and_activation_on_hand_decisions():
     n = len(gated.gates)
     assert cg.polarization_loss(gated).item() == pytest.approx((0.1875 + 0.125) / n)
     assert cg.activation_loss(gated).item() == pytest.approx((n - 2 + 0.25 + 0.75) / n)
+    # summed over channels: each channel counts as much as the layer gate
+    assert cg.polarization_loss(gated, "sum").item() == pytest.approx((0.1875 + 8 * 0.25) / n)
+    polar, _ = cg.gate_losses(gated, channels="sum")
+    assert polar.item() == cg.polarization_loss(gated, "sum").item()
+    with pytest.raises(ValueError, match="channels must be 'mean' .* or 'sum', got 'max'"):
+        cg.polarization_loss(gated, "max")
 
 
 def test_consensus_per_channel_and_fixed_decisions_round_trip(tmp_path):
@@ -243,3 +249,30 @@ def test_bernoulli_channel_gates_compare_each_channel_with_its_own_batch_mean():
     logits = torch.tensor([[1.0, 10.0], [3.0, 30.0], [2.0, 50.0]])  # means 2 and 30
     assert head(logits).tolist() == [[0, 0], [1, 0], [0, 1]]
     assert head.running_mean.tolist() == [2.0, 30.0]
+
+
+def _polarize_channel_gates(polarizer: str) -> list[dict]:
+    """Channel gates on every block, trained with λ_polar 2 from the start and no target:
+    4 epochs of 20 steps on a separable synthetic problem."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(480, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long()
+    loader = DataLoader(TensorDataset(x, y), batch_size=24, shuffle=True, generator=g)
+    torch.manual_seed(0)
+    model = cg.create_model("resnet20", num_classes=2)
+    gated = cg.insert_gates(model, x[:2], cg.GateConfig(mode="channel"))
+    config = cg.TrainConfig(epochs=4, lr=0.05, polar_schedule="constant", progress=False,
+                            channel_polarizer=polarizer)  # fmt: skip
+    return cg.train(gated, loader, None, config, log=lambda s: None)
+
+
+def test_summed_channel_polarizer_polarizes_in_tens_of_steps_where_eq8_is_slower():
+    """Eq. 8 pulls each channel 1/C as hard as a layer gate; summed over channels, as hard."""
+    mean, summed = _polarize_channel_gates("mean"), _polarize_channel_gates("sum")
+    assert summed[1]["r_polar"] < 1e-3 < 1e-2 < mean[1]["r_polar"]  # after 40 steps
+    assert summed[-1]["r_polar"] < 1e-3
+    # records keep eq. 8's measure: the summed loss of an unpolarized gate exceeds 1/4
+    assert all(0 <= r["r_polar"] <= 0.25 for r in mean + summed)
+    assert summed[0]["loss"]["polar"] == summed[0]["r_polar"]

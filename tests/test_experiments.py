@@ -25,7 +25,12 @@ from consensus_gates.experiments import (
 )
 from consensus_gates.experiments.methods.density import DensityOptions
 from consensus_gates.experiments.methods.torch_pruning import TorchPruningOptions
-from consensus_gates.experiments.summary import aggregate, load_results, pareto_figure
+from consensus_gates.experiments.summary import (
+    aggregate,
+    load_results,
+    markdown_table,
+    pareto_figure,
+)
 
 from conftest import fake_fashion_mnist
 
@@ -310,6 +315,37 @@ def test_pareto_plot_keeps_to_the_competitive_range_and_names_what_falls_off():
     assert names == ["ours", "pruner", "naive (off scale: 10–12%)"]
     ax = pareto_figure(rows, zoom=100).axes[0]  # nothing off scale: every point shows
     assert ax.get_ylim()[0] < 10 and "naive" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_training_compute_gets_panels_columns_and_time_ratios_to_dense():
+    records = [
+        _record("s", "dense", "", 0, 0.90, 1.0, method="dense", train_flops_ratio=1.0),
+        _record("s", "dense", "", 1, 0.91, 1.0, method="dense", train_flops_ratio=1.0,
+                wall_seconds=100.0),
+        _record("s", "ours", "0.5", 0, 0.80, 0.5, train_flops_ratio=0.7, wall_seconds=90.0),
+        _record("s", "ours", "0.5", 1, 0.82, 0.5, train_flops_ratio=0.7, wall_seconds=80.0),
+        _record("t", "ours", "0.5", 0, 0.80, 0.5, wall_seconds=90.0),  # no dense run in t
+    ]  # fmt: skip
+    rows = aggregate(records)
+    ours = next(r for r in rows if r.study == "s" and r.label == "ours")
+    assert ours.stats["train_time_ratio"].mean == pytest.approx((90 / 120 + 80 / 100) / 2)
+    assert ours.stats["train_flops_ratio"].mean == pytest.approx(0.7)
+    assert "train_time_ratio" not in next(r for r in rows if r.study == "t").stats
+    fig = pareto_figure([r for r in rows if r.study == "s"])
+    assert [ax.get_xlabel() for ax in fig.axes] == [
+        "FLOPs ratio (pruned / original)", "CPU latency ratio (pruned / original)",
+        "training FLOPs (to dense training)", "training wall time (to dense training)",
+    ]  # fmt: skip
+    x, _ = fig.axes[3].lines[0].get_data()  # dense at 1 by definition
+    assert list(x) == [1.0]
+    untimed = [dataclasses.replace(r, stats={k: v for k, v in r.stats.items()
+                                             if k != "latency_ratio"})
+               for r in rows if r.study == "s"]  # fmt: skip
+    assert len(pareto_figure(untimed).axes) == 3  # no empty fourth panel
+    table = markdown_table([r for r in rows if r.study == "s"])
+    assert "| train FLOPs ratio | train time ratio |" in table
+    assert "| 0.700 ± 0.000 | 0.775 ± 0.035 |" in table
+    assert "train FLOPs ratio" not in markdown_table([r for r in rows if r.study == "t"])
 
 
 def test_summary_means_and_stds_over_seeds(tmp_path):

@@ -3,8 +3,9 @@
 `load_results` reads every results file under some folders; `aggregate` groups them by
 (study, label, setting), the setting being the target or a density run's scale, into mean ±
 std over seeds; `write_summary` writes a markdown file with one table per study and, for
-each study comparing several methods, a PNG of accuracy against FLOPs ratio and against
-measured latency ratio (the paper's Figs. 2–3).
+each study comparing several methods, a PNG of accuracy against FLOPs ratio, against
+measured latency ratio (the paper's Figs. 2–3) and against training compute: training FLOPs,
+and wall time as a ratio to the dense run of the same study and seed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ _MEASURES = (
     "latency_ratio",
     "epochs_total",
     "wall_seconds",
+    "train_flops_ratio",
+    "train_time_ratio",
     "r_polar",
+)
+# the Pareto plot's x axes, in order, each where a row measured it
+_PANELS = (
+    ("flops_ratio", "FLOPs ratio (pruned / original)"),
+    ("latency_ratio", "CPU latency ratio (pruned / original)"),
+    ("train_flops_ratio", "training FLOPs (to dense training)"),
+    ("train_time_ratio", "training wall time (to dense training)"),
 )
 
 
@@ -83,10 +93,24 @@ def load_results(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
     return records
 
 
+def _with_time_ratios(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records, each with ``train_time_ratio`` where its study has a dense run of the
+    same seed: its wall time over that run's, so that a study's times compare within it."""
+    records = list(records)
+    dense = {(r["study"], r["seed"]): r.get("wall_seconds") for r in records
+             if r["method"] == "dense"}  # fmt: skip
+    out = []
+    for r in records:
+        base = dense.get((r["study"], r["seed"]))
+        ratio = r["wall_seconds"] / base if base and r.get("wall_seconds") is not None else None
+        out.append({**r, "train_time_ratio": ratio})
+    return out
+
+
 def aggregate(records: Iterable[dict[str, Any]]) -> list[Row]:
     """Group by (study, label, setting), in study order then run order."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in records:
+    for r in _with_time_ratios(records):
         groups.setdefault((r["study"], r["label"], r.get("setting", "")), []).append(r)
     rows = []
     for (study, label, setting), group in groups.items():
@@ -112,6 +136,8 @@ def _cell(row: Row, key: str, digits: int, scale: float = 1.0) -> str:
 def markdown_table(rows: Sequence[Row]) -> str:
     """One study's rows as a markdown table (accuracy in %, times in minutes)."""
     polar = any("r_polar" in r.stats for r in rows)
+    compute = any("train_flops_ratio" in r.stats for r in rows)
+    times = any("train_time_ratio" in r.stats for r in rows)
     head = [
         "method",
         "label",
@@ -123,7 +149,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
         "latency ratio",
         "total epochs",
         "train time (min)",
-    ] + (["final R_polar"] * polar)
+    ] + ["train FLOPs ratio"] * compute + ["train time ratio"] * times + ["final R_polar"] * polar
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -137,24 +163,30 @@ def markdown_table(rows: Sequence[Row]) -> str:
             _cell(r, "latency_ratio", 3),
             _cell(r, "epochs_total", 0),
             _cell(r, "wall_seconds", 1, 1 / 60),
-        ] + ([_cell(r, "r_polar", 4)] * polar)
+        ]
+        cells += [_cell(r, "train_flops_ratio", 3)] * compute
+        cells += [_cell(r, "train_time_ratio", 3)] * times
+        cells += [_cell(r, "r_polar", 4)] * polar
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def pareto_figure(rows: Sequence[Row], zoom: float = 20.0) -> Figure:
-    """Accuracy against FLOPs ratio and, where measured, against latency ratio: one line
-    per label through its settings (targets), error bars over seeds.
+    """Accuracy against FLOPs ratio and, where measured, against latency ratio and training
+    compute (FLOPs, wall time): one line per label through its settings (targets), error
+    bars over seeds; two panels a row.
 
     The accuracy axis keeps to `zoom` points below the best mean, so that a naive baseline
     at chance level does not flatten the comparison that matters; a label with every point
     below that is named in the legend with its accuracy range instead.
     """
-    panels = [("flops_ratio", "FLOPs ratio (pruned / original)")]
-    if any("latency_ratio" in r.stats for r in rows):
-        panels.append(("latency_ratio", "CPU latency ratio (pruned / original)"))
-    fig = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    panels = [(k, x) for k, x in _PANELS if any(k in r.stats for r in rows)]
+    cols, lines = min(len(panels), 2), -(-len(panels) // 2)
+    fig = Figure(figsize=(6 * cols, 4.5 * lines), layout="constrained")
+    grid = fig.subplots(lines, cols, squeeze=False).flat
+    axes = [next(grid) for _ in panels]
+    for ax in grid:  # an odd number of panels leaves one over
+        ax.remove()
     labels = list(dict.fromkeys(r.label for r in rows))
     accuracy = {label: [r.stats["accuracy"].mean * 100 for r in rows if r.label == label]
                 for label in labels}  # fmt: skip
@@ -185,7 +217,7 @@ def pareto_figure(rows: Sequence[Row], zoom: float = 20.0) -> Figure:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(textwrap.fill(rows[0].title, 70 * len(panels)), fontsize=10)
+    fig.suptitle(textwrap.fill(rows[0].title, 70 * cols), fontsize=10)
     return fig
 
 

@@ -38,6 +38,10 @@ class TrainConfig:
         polar_steps: (a, b) for ``"step"``; None: the paper's 125 and 190 of 300 epochs,
             scaled to `epochs`.
         warmup_epochs: the epochs over which ``"warmup"`` raises λ_polar.
+        channel_polarizer: how a channel gate's polarization terms combine. ``"mean"``: eq. 8,
+            the paper's, the mean over its channels, so each channel is pulled 1/C as hard
+            as a layer gate; ``"sum"``: the sum, each channel pulled as hard as a layer gate
+            (`polarization_loss`). Records' ``r_polar`` is eq. 8's value either way.
         lambda_act: λ_act, the weight of the activation loss; not used with a `target`.
         act_weight: ``"flops"`` weighs each gate by the FLOPs it controls, ``"uniform"``
             counts gates equally (eq. 10).
@@ -87,6 +91,7 @@ class TrainConfig:
     polar_schedule: Literal["constant", "step", "warmup"] = "step"
     polar_steps: tuple[int, int] | None = None
     warmup_epochs: int = 1
+    channel_polarizer: Literal["mean", "sum"] = "mean"
     lambda_act: float = 0.5
     act_weight: Literal["uniform", "flops"] = "flops"
     target: float | None = None
@@ -116,6 +121,11 @@ class TrainConfig:
         if self.polar_schedule not in SCHEDULES:
             raise ValueError(
                 f"polar_schedule must be one of {SCHEDULES}, got {self.polar_schedule!r}"
+            )
+        if self.channel_polarizer not in ("mean", "sum"):
+            raise ValueError(
+                f"channel_polarizer must be 'mean' (eq. 8) or 'sum', got "
+                f"{self.channel_polarizer!r}"
             )
         if self.act_weight not in ("uniform", "flops"):
             raise ValueError(f"act_weight must be 'uniform' or 'flops', got {self.act_weight!r}")
