@@ -47,6 +47,7 @@ def _batch_means(model: nn.Module) -> tuple[list[Gate], list[Tensor]]:
 
 
 ChannelTerm = Literal["mean", "sum"]
+CHANNEL_TERMS = ("mean", "sum")  # eq. 8's mean first
 
 
 def polarization_loss(model: nn.Module, channels: ChannelTerm = "mean") -> Tensor:
@@ -93,7 +94,7 @@ def gate_losses(
 
 
 def _check_channels(channels: str) -> None:
-    if channels not in ("mean", "sum"):
+    if channels not in CHANNEL_TERMS:
         raise ValueError(
             f"channels must be 'mean' (eq. 8, the paper's) or 'sum', got {channels!r}"
         )

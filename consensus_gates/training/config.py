@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..losses import CHANNEL_TERMS
+
 SCHEDULES = ("constant", "step", "warmup")
 
 
@@ -122,7 +124,7 @@ class TrainConfig:
             raise ValueError(
                 f"polar_schedule must be one of {SCHEDULES}, got {self.polar_schedule!r}"
             )
-        if self.channel_polarizer not in ("mean", "sum"):
+        if self.channel_polarizer not in CHANNEL_TERMS:
             raise ValueError(
                 f"channel_polarizer must be 'mean' (eq. 8) or 'sum', got "
                 f"{self.channel_polarizer!r}"
