@@ -13,7 +13,8 @@ ratio the run ends with (`flops_ratio`, the estimate from branch costs), the rat
 counts on the materialized model, the miss, the final R_polar and the test accuracy.
 ``--polarizer sum`` trains with channel gates' polarization summed over their channels
 (`TrainConfig.channel_polarizer`) instead of eq. 8's mean. Writes a table into
-docs/training.md (span ``targets-<epochs>[-no-projection][-sum]``).
+docs/training.md (span ``targets-<epochs>[-<modes>][-no-projection][-sum]``, the modes
+named where they are not the default).
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def main() -> None:
     if not args.quick:
         from consensus_gates.bench.reports import write_sections
 
-        key = f"targets-{args.epochs}{'' if args.projection else '-no-projection'}"
+        key = f"targets-{args.epochs}"
+        key += "" if args.modes == DEFAULTS["modes"] else "-" + args.modes.replace(",", "+")
+        key += "" if args.projection else "-no-projection"
         key += "" if args.polarizer == "mean" else f"-{args.polarizer}"
         write_sections(ROOT / "docs" / "training.md", {key: text})
 
