@@ -29,7 +29,7 @@ from .fx.insert import insert_gates
 from .fx.positions import register_position
 from .fx.surgery import materialize
 from .gates import ChannelGate, Gate, LayerGate, register_head
-from .losses import activation_loss, gate_losses, polarization_loss
+from .losses import GateLosses, activation_loss, gate_losses, polarization_loss
 from .models import create_model, list_models, register_model
 from .saving import export, load, save
 
@@ -58,6 +58,7 @@ __all__ = [
     "DataError",
     "Gate",
     "GateConfig",
+    "GateLosses",
     "GatedModel",
     "InputError",
     "LayerGate",

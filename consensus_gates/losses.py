@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -81,16 +81,29 @@ def activation_loss(model: nn.Module, weight: Literal["uniform", "flops"] = "uni
     return _activation(model, gates, means, weight)
 
 
+class GateLosses(NamedTuple):
+    """The gate losses of one forward pass, from one read of the gates' decisions."""
+
+    polarization: Tensor  # `polarization_loss(model, channels)`: what training minimizes
+    activation: Tensor  # `activation_loss(model, weight)`
+    r_polar: Tensor  # eq. 7/8's R_polar, detached: `polarization` itself where channels="mean"
+
+
 def gate_losses(
     model: nn.Module,
     weight: Literal["uniform", "flops"] = "uniform",
     channels: ChannelTerm = "mean",
-) -> tuple[Tensor, Tensor]:
-    """``(polarization_loss(model, channels), activation_loss(model, weight))`` from one pass
-    over the gates' decisions (under torch.distributed, one all-reduce instead of two)."""
+) -> GateLosses:
+    """``(polarization_loss(model, channels), activation_loss(model, weight), R_polar)`` from
+    one pass over the gates' decisions (under torch.distributed, one all-reduce instead of
+    two or three). ``R_polar`` is the paper's measure whichever ``channels`` trains, so runs
+    with either polarizer report the same quantity."""
     _check_channels(channels)
     gates, means = _batch_means(model)
-    return _polarization(means, channels), _activation(model, gates, means, weight)
+    polar = _polarization(means, channels)
+    with torch.no_grad():
+        measure = polar if channels == "mean" else _polarization(means, "mean")
+    return GateLosses(polar, _activation(model, gates, means, weight), measure.detach())
 
 
 def _check_channels(channels: str) -> None:

@@ -64,6 +64,7 @@ def test_register_model_bare_and_named_and_list_models_filter():
 def test_gate_losses_is_exported():
     gated = cg.insert_gates(cg.create_model("resnet20"), torch.randn(2, 3, 16, 16)).train()
     gated(torch.randn(4, 3, 16, 16))
-    polar, act = cg.gate_losses(gated)
+    polar, act, _ = losses = cg.gate_losses(gated)
+    assert isinstance(losses, cg.GateLosses)
     assert torch.equal(polar, cg.polarization_loss(gated))
     assert torch.equal(act, cg.activation_loss(gated))

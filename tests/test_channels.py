@@ -196,8 +196,9 @@ def test_polarization_eq8_and_activation_on_hand_decisions():
     assert cg.activation_loss(gated).item() == pytest.approx((n - 2 + 0.25 + 0.75) / n)
     # summed over channels: each channel counts as much as the layer gate
     assert cg.polarization_loss(gated, "sum").item() == pytest.approx((0.1875 + 8 * 0.25) / n)
-    polar, _ = cg.gate_losses(gated, channels="sum")
+    polar, _, r_polar = cg.gate_losses(gated, channels="sum")
     assert polar.item() == cg.polarization_loss(gated, "sum").item()
+    assert r_polar.item() == cg.polarization_loss(gated).item()  # eq. 8 for the records
     with pytest.raises(ValueError, match="channels must be 'mean' .* or 'sum', got 'max'"):
         cg.polarization_loss(gated, "max")
 

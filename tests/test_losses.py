@@ -23,11 +23,13 @@ def test_polarization_and_activation_on_hand_decisions():
     for gate, flops in zip(gated.gates.values(), [1, 2, 1], strict=True):
         gate.branch_flops.fill_(flops)
     assert cg.activation_loss(gated, weight="flops").item() == pytest.approx(2.75 / 4)
-    polar, act = gate_losses(gated, weight="flops")  # the trainer's one pass over both
-    assert (polar.item(), act.item()) == (
+    polar, act, r_polar = gate_losses(gated, weight="flops")  # the trainer's one pass
+    assert (polar.item(), act.item(), r_polar.item()) == (
         cg.polarization_loss(gated).item(),
         cg.activation_loss(gated, weight="flops").item(),
+        cg.polarization_loss(gated).item(),
     )
+    assert not r_polar.requires_grad
 
 
 def test_polarization_gradient_through_the_ste_head():

@@ -41,7 +41,7 @@ from ..cost import flops, flops_ratio
 from ..errors import TrainingDiverged
 from ..fx.cut import replay_cuts
 from ..fx.graph_module import GatedModel
-from ..losses import gate_losses, polarization_loss
+from ..losses import gate_losses
 from ..saving.files import model_spec
 from ..saving.spec import parse_spec
 from .checkpoint import save_checkpoint
@@ -268,17 +268,15 @@ def _train_step(run: _Run, state: RunState, stats: _Epoch, x, y) -> torch.Tensor
         _project(run, state, stats)
     logits = run.net(x)
     task = F.cross_entropy(logits, y)
-    channels = run.config.channel_polarizer
     if run.gated is not None:
-        polar, act = gate_losses(run.gated, weight=run.config.act_weight, channels=channels)
+        polar, act, r_polar = gate_losses(
+            run.gated, weight=run.config.act_weight, channels=run.config.channel_polarizer
+        )
     else:
-        polar = act = torch.zeros((), device=run.device)
+        polar = act = r_polar = torch.zeros((), device=run.device)
     loss = task + stats.lambda_polar * polar + state.lambda_act * act
-    if channels != "mean" and run.gated is not None:  # records eq. 8's R_polar whichever trains
-        with torch.no_grad():
-            polar = polarization_loss(run.gated)
     correct = (logits.argmax(1) == y).sum().to(loss.dtype)
-    values = torch.stack([loss, task, polar, act, correct]).detach().double().cpu()
+    values = torch.stack([loss, task, r_polar, act, correct]).detach().double().cpu()
     _check_finite(run, state, stats, values)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()

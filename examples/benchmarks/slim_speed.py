@@ -227,7 +227,7 @@ def p3_worker(job: dict[str, Any]) -> dict[str, Any]:
         x, y = batches[i % 2]
         loss = F.cross_entropy(model(x), y)
         if gated:
-            polar, act = gate_losses(model, weight="flops")
+            polar, act, _ = gate_losses(model, weight="flops")
             loss = loss + 2.0 * polar + 0.5 * act
         loss.item()  # the trainer's one device sync per step
         opt.zero_grad(set_to_none=True)
