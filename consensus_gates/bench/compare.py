@@ -29,16 +29,24 @@ from .measure import BenchConfig, Measurement, measure
 
 
 def load_for_bench(
-    ref: str | os.PathLike, model_args: Mapping[str, Any] | None = None
+    ref: str | os.PathLike,
+    model_args: Mapping[str, Any] | None = None,
+    config: BenchConfig | None = None,
 ) -> nn.Module:
     """A model to time: a ``.pt2`` file (torch.export; refused if it holds pickles or code,
-    see `consensus_gates.saving.pt2`), a ``.safetensors`` file written by
+    see `consensus_gates.saving.pt2`), an ``.onnx`` file (run by onnxruntime on
+    `config`'s device and threads, `OnnxRuntimeModel`), a ``.safetensors`` file written by
     `consensus_gates.save`, or a zoo / torchvision name (`create_model`)."""
     path = Path(ref)
     if path.suffix == ".pt2":
         from ..saving.pt2 import load_program
 
         return load_program(path).module()
+    if path.suffix == ".onnx":
+        from ..saving.onnx_files import OnnxRuntimeModel
+
+        config = config or BenchConfig()
+        return OnnxRuntimeModel(path, config.device, config.threads)
     if path.suffix == ".safetensors" or path.is_file():
         from ..saving.files import load
 
@@ -46,6 +54,16 @@ def load_for_bench(
     from ..models import create_model
 
     return create_model(str(ref), **dict(model_args or {}))
+
+
+def _check_onnx_config(config: BenchConfig) -> None:
+    """onnxruntime runs an ``.onnx`` file as exported: float32, no torch.compile, and the
+    memory layout it chooses itself."""
+    if config.dtype != "float32" or config.compile or config.channels_last:
+        raise ValueError(
+            "an .onnx file is timed as exported, in float32 by onnxruntime: drop --dtype, "
+            "--compile and --channels-last for it, or time the .safetensors model with them"
+        )
 
 
 def _run_worker(job: dict[str, Any], timeout: float) -> Measurement:
@@ -85,6 +103,8 @@ def compare(
     config = config or BenchConfig()
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if any(str(ref).endswith(".onnx") for ref in models.values()):
+        _check_onnx_config(config)
     names = list(models)
     runs: dict[tuple[str, int], list[Measurement]] = {}
     for r in range(rounds):
@@ -136,10 +156,10 @@ def ratios(results: Sequence[Measurement], baseline: str) -> dict[tuple[str, int
 def _worker_main(job: dict[str, Any]) -> None:
     """One timing in this (fresh) process: load, measure, count FLOPs in the first round."""
     config = BenchConfig(**job["config"])
-    model = load_for_bench(job["ref"], job["model_args"])
+    model = load_for_bench(job["ref"], job["model_args"], config)
     shape = job["input_shape"]
     m = measure(model, shape, job["batch"], config, name=job["name"])
-    if job["count_flops"]:
+    if job["count_flops"] and not job["ref"].endswith(".onnx"):  # fvcore traces torch code
         cost = flops(model.float().cpu(), torch.randn(1, *shape))
         m = replace(m, flops=cost.flops, params=cost.params)
     print(json.dumps(m.to_dict()))

@@ -14,6 +14,7 @@ from ..bench.compare import compare, ratios
 from ..bench.measure import BenchConfig
 from ..fx.surgery import materialize
 from ..saving.files import load, read_spec, save
+from ..saving.onnx_files import check_onnx, example_shapes
 from ..saving.pt2 import load_program
 from .app import main, model_arg_option, parse_model_args, parse_shape
 from .slim import load_gated
@@ -44,6 +45,10 @@ def _expand(models: tuple[str, ...], tmp: Path) -> tuple[dict[str, str], tuple[i
                 save(model, refs[f"{path.stem} ({kind})"])
         elif path.suffix == ".pt2":
             load_program(path)  # a pickled or corrupt archive is refused here, in one line
+            refs[path.name] = ref
+        elif path.suffix == ".onnx":
+            saved = example_shapes(check_onnx(path))  # refused here if not self-contained ONNX
+            shape = shape or (tuple(saved[0][1:]) if saved else None)
             refs[path.name] = ref
         elif path.suffix == ".safetensors" or path.is_file():
             load(path)  # as the workers will, so that a malformed file fails here
@@ -79,13 +84,14 @@ def bench_command(models: tuple[str, ...], batch_text: str, device: str, dtype: 
                   as_json: bool, model_args: tuple[str, ...]) -> None:  # fmt: skip
     """Time MODELS, each in its own process, alternating; the first is the baseline.
 
-    A model is a slim or plain .safetensors file, a .pt2, a trainer checkpoint.pt (timed
-    both gated and slim) or a zoo / torchvision name.
+    A model is a slim or plain .safetensors file, a .pt2, an .onnx (run by onnxruntime), a
+    trainer checkpoint.pt (timed both gated and slim) or a zoo / torchvision name.
 
     \b
     Examples:
       cgates bench resnet56 runs/train/slim/slim.safetensors --batch 1,64
       cgates bench runs/train/checkpoint.pt --batch 64 --json
+      cgates bench runs/train/slim/slim.pt2 runs/train/slim/slim.onnx --batch 1,64
       cgates bench resnet50 --device cuda --dtype float16 --batch 1,16,64,256
     """
     batches = _batches(batch_text)
@@ -99,7 +105,7 @@ def bench_command(models: tuple[str, ...], batch_text: str, device: str, dtype: 
             kwargs = parse_model_args(model_args)
             results = compare(refs, shape, batches, config, rounds=rounds,
                               model_args={k: kwargs for k in refs})  # fmt: skip
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         raise click.ClickException(str(e)) from e
     baseline = next(iter(refs))
     r = ratios(results, baseline)

@@ -27,10 +27,11 @@ Decisions = dict[str, Any]
 def _read(path: Path) -> tuple[torch.nn.Module, Decisions | None]:
     """The model in a file we wrote, and the decisions to show: a slim file's, or the
     consensus of a gated model (a gated .safetensors or a trainer checkpoint)."""
-    if path.suffix == ".pt2":
+    if path.suffix in (".pt2", ".onnx"):
+        kind = "a torch.export program" if path.suffix == ".pt2" else "an ONNX graph"
         raise ModelFileError(
-            f"{path} is a torch.export program, which keeps no residual blocks or gates to "
-            "show; inspect the .safetensors file written beside it"
+            f"{path} is {kind}, which keeps no residual blocks or gates to show; inspect the "
+            ".safetensors file written beside it"
         )
     if path.suffix == ".pt":
         model = model_from_checkpoint(path)
@@ -48,7 +49,7 @@ def _build(
 ) -> tuple[GatedModel, Decisions | None, tuple[Tensor, ...]]:
     """The gated model to inspect, the decisions to show (None for none) and its inputs."""
     path = Path(model_or_file)
-    if path.is_file() or path.suffix in (".pt", ".pt2", ".safetensors"):
+    if path.is_file() or path.suffix in (".pt", ".pt2", ".onnx", ".safetensors"):
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
         model, decisions = _read(path)

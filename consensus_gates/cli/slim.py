@@ -16,6 +16,7 @@ from ..errors import ModelFileError
 from ..fx.graph_module import GatedModel, cut_decisions, example_inputs_of
 from ..fx.surgery import materialize
 from ..saving.files import export, load, model_spec, read_spec, rebuild_gated, save
+from ..saving.onnx_files import require_onnx
 from ..training.checkpoint import model_from_checkpoint
 from ..training.runs import check_folder
 from .app import main
@@ -94,30 +95,39 @@ def print_report(r: dict[str, Any]) -> None:
 @click.option("-o", "--out", "out_dir", default=None, help="output folder [CHECKPOINT's/slim]")
 @click.option("--threshold", default=0.5, show_default=True, help="open iff running rate >= it")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def slim_command(checkpoint: str, out_dir: str | None, threshold: float, as_json: bool) -> None:
+@click.option("--onnx", "onnx_", is_flag=True,
+              help="also write OUT/slim.onnx, for onnxruntime (the onnx extra)")  # fmt: skip
+def slim_command(checkpoint: str, out_dir: str | None, threshold: float, as_json: bool,
+                 onnx_: bool) -> None:  # fmt: skip
     """Cut the consensus sub-network out of a trained gated model.
 
     CHECKPOINT is the trainer's checkpoint.pt (or a gated model saved with `save`). Writes
     OUT/slim.safetensors (load with consensus_gates.load) and OUT/slim.pt2 (torch.export,
-    loads with plain torch), then prints parameters, FLOPs and gates kept, before and after.
+    loads with plain torch), with --onnx also OUT/slim.onnx, then prints parameters, FLOPs
+    and gates kept, before and after.
 
     \b
     Examples:
       cgates slim runs/train/checkpoint.pt
       cgates slim runs/train/checkpoint.pt -o runs/slim --json
+      cgates slim runs/train/checkpoint.pt --onnx
     """
     try:
+        if onnx_:
+            require_onnx()  # before anything is written
         out = check_folder(out_dir or Path(checkpoint).parent / "slim")
         gated = load_gated(checkpoint)
         slim, report = slim_report(gated, threshold)
-        save(slim, out / "slim.safetensors")
+        files = [out / "slim.safetensors", out / "slim.pt2"] + [out / "slim.onnx"] * onnx_
+        save(slim, files[0])
         x = tuple(torch.randn(2, *t.shape[1:], dtype=t.dtype) for t in example_inputs_of(gated))
-        export(slim, x, out / "slim.pt2")  # batch 2: torch.export specializes a batch of 1
-    except (ModelFileError, FileNotFoundError, ValueError) as e:
+        for path in files[1:]:
+            export(slim, x, path)  # batch 2: torch.export specializes a batch of 1
+    except (ModelFileError, FileNotFoundError, ValueError, ImportError) as e:
         raise click.ClickException(str(e)) from e
-    report["files"] = [str(out / "slim.safetensors"), str(out / "slim.pt2")]
+    report["files"] = [str(f) for f in files]
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         print_report(report)
-        click.echo(f"wrote {report['files'][0]} and {report['files'][1]}")
+        click.echo(f"wrote {', '.join(report['files'])}")

@@ -245,18 +245,32 @@ def export(
     example_inputs: Tensor | tuple[Tensor, ...],
     path: str | os.PathLike,
     dynamic_batch: bool = True,
-) -> torch.export.ExportedProgram:
-    """Write `model` (usually a slim model) with `torch.export` to a ``.pt2`` file.
+) -> Any:
+    """Write `model` (usually a slim model) for deployment; the format follows the suffix.
 
-    Load it anywhere with plain torch: ``torch.export.load(path).module()``; consensus_gates
-    is not needed. The batch dimension is dynamic unless `dynamic_batch` is False or the
-    model cannot support it (then a warning says so).
+    - ``.pt2``: `torch.export`. Load it anywhere with plain torch:
+      ``torch.export.load(path).module()``; consensus_gates is not needed. Returns the
+      ``ExportedProgram``.
+    - ``.onnx``: ONNX at opset `onnx_files.OPSET`, weights inside the file, for onnxruntime
+      (``pip install "consensus-gates[onnx]"``); `OnnxRuntimeModel` runs it like a module.
+      The spatial sizes of image inputs are dynamic too, where the model allows. Returns the
+      ``torch.onnx.ONNXProgram``.
+
+    The batch dimension is dynamic unless `dynamic_batch` is False or the model cannot
+    support it (then a warning says so). The model is exported in eval mode.
     """
     model = unwrap(model)
     inputs = as_input_tuple(example_inputs)
+    suffix = Path(path).suffix
+    if suffix not in (".pt2", ".onnx"):
+        raise ValueError(f"export writes .pt2 (torch.export) or .onnx files, got {str(path)!r}")
     was_training = model.training
     model.eval()
     try:
+        if suffix == ".onnx":
+            from .onnx_files import export_onnx
+
+            return export_onnx(model, inputs, path, dynamic=dynamic_batch)
         program = None
         if dynamic_batch:
             shapes = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
