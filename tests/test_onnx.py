@@ -140,3 +140,19 @@ def test_cgates_bench_and_inspect_refuse_what_onnx_cannot_do_in_one_line(tmp_pat
     assert result.exit_code != 0 and "is an ONNX graph, which keeps no residual blocks" in (
         result.output
     )
+
+
+def test_without_the_onnx_extra_slim_says_what_to_install_and_writes_nothing(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "onnxscript" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    out = tmp_path / "slim"
+    result = CliRunner().invoke(main, ["slim", _gated_file(tmp_path), "-o", str(out), "--onnx"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert 'ONNX needs onnxscript: pip install "consensus-gates[onnx]"' in result.output
+    assert not out.exists()  # checked before anything is written

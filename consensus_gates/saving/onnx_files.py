@@ -136,14 +136,15 @@ class OnnxRuntimeModel(nn.Module):
         import onnxruntime as ort
 
         self.device = torch.device(device)
-        providers = ["CPUExecutionProvider"]
+        providers: list = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ModelFileError(
                     "this onnxruntime has no CUDA execution provider: pip install "
                     "onnxruntime-gpu, or time the .onnx file on the CPU"
                 )
-            providers.insert(0, "CUDAExecutionProvider")
+            self.device = torch.device("cuda", self.device.index or 0)
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index}))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), options, providers=providers)
@@ -166,9 +167,9 @@ class OnnxRuntimeModel(nn.Module):
         inputs = [x.detach().to(self.device).contiguous() for x in inputs]  # alive until run
         for name, x in zip(self.input_names, inputs, strict=True):
             dtype = torch.empty((), dtype=x.dtype).numpy().dtype
-            binding.bind_input(name, "cuda", x.device.index or 0, dtype, tuple(x.shape),
+            binding.bind_input(name, "cuda", self.device.index, dtype, tuple(x.shape),
                                x.data_ptr())  # fmt: skip
         for out in self.session.get_outputs():
-            binding.bind_output(out.name, "cuda")
+            binding.bind_output(out.name, "cuda", self.device.index)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
