@@ -54,8 +54,6 @@ def export_onnx(
     """Write `model` in eval mode to `path` with torch.onnx's dynamo exporter, at `OPSET`,
     its weights inside the file; return the ``torch.onnx.ONNXProgram``."""
     require_onnx("onnx", "onnxscript")
-    import onnx
-
     try:
         program = _onnx_program(model, inputs, _dynamic_shapes(inputs, dynamic))
     except Exception as e:  # noqa: BLE001 - fall back to static shapes, as `export` does
@@ -65,14 +63,10 @@ def export_onnx(
                       stacklevel=3)  # fmt: skip
         program = _onnx_program(model, inputs, None)
 
+    # the example's shapes, for `cgates bench`: the graph's own are symbolic
+    program.model.metadata_props[SHAPES_KEY] = json.dumps([list(t.shape) for t in inputs])
     with atomic_path(path) as tmp:
         program.save(str(tmp), external_data=False)
-        proto = onnx.load(str(tmp))
-        # the example's shapes, for `cgates bench` and `inspect`: the graph's own are symbolic
-        onnx.helper.set_model_props(
-            proto, {SHAPES_KEY: json.dumps([list(t.shape) for t in inputs])}
-        )
-        onnx.save(proto, str(tmp))
     return program
 
 
