@@ -23,7 +23,14 @@ from .budget import project_to_budget
 from .config import GateConfig
 from .consensus import Consensus, consensus, fix_decisions, unfix_decisions
 from .cost import Cost, branch_costs, flops, flops_ratio
-from .errors import DataError, InputError, ModelFileError, TracingError, TrainingDiverged
+from .errors import (
+    CompilerNotFound,
+    DataError,
+    InputError,
+    ModelFileError,
+    TracingError,
+    TrainingDiverged,
+)
 from .fx.graph_module import GatedModel
 from .fx.insert import insert_gates
 from .fx.positions import register_position
@@ -55,6 +62,7 @@ __all__ = [
     "ChannelGate",
     "Consensus",
     "Cost",
+    "CompilerNotFound",
     "DataError",
     "Gate",
     "GateConfig",

@@ -19,3 +19,7 @@ class DataError(FileNotFoundError):
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class CompilerNotFound(RuntimeError):
+    """AOTInductor was asked for, and there is no C++ compiler to run."""

@@ -76,3 +76,14 @@ def gated_resnet20(config=None):
     import consensus_gates as cg
 
     return cg.insert_gates(cg.create_model("resnet20"), torch.randn(2, 3, 32, 32), config)
+
+
+def gated_file(root: Path) -> str:
+    """A gated ResNet-20 whose consensus closes two blocks, saved for `cgates slim`."""
+    import consensus_gates as cg
+
+    gated = gated_resnet20()
+    for name, gate in gated.gates.items():
+        gate.running_open_rate.fill_(0.0 if name in ("layer1.1", "layer3.2") else 1.0)
+    cg.save(gated, root / "gated.safetensors")
+    return str(root / "gated.safetensors")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,11 @@ def test_slim_speed_benchmark_quick_mode_writes_its_sections(tmp_path):
     assert all(0.4 < float(p1[k][1]) < 0.7 for k in list(p1)[1:])  # FLOPs ratios
     (p2,) = rows("P2 cpu")[1:]  # slim and hand-built: the same parameter count, asserted
     assert p2[0] == "50% blocks closed" and p2[1] == "1/2/2"
+    assert len(p2) == 2 + 5 and all(re.fullmatch(r"\d\.\d{3} \(\d+\.\d\)", c) for c in p2[2:])
+    forms = {r[0]: r[1:] for r in rows("P1 forms cpu")}  # module, kept, .pt2, kept, .onnx
+    assert list(forms) == [*p1, "original, ms"]
+    assert forms["original"] == ["1.000"] + ["1.000"] * 5
+    assert all(0.2 < float(q) < 1.5 for k in list(p1)[1:] for q in forms[k][1:])
     assert [r[0] for r in rows("P3 cpu")[:3]] == ["ungated", "layer gates", "channel gates"]
     assert "`materialize, channel`" in [r[0] for r in rows("P4 cpu")]
 

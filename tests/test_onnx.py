@@ -13,7 +13,7 @@ import consensus_gates as cg
 from consensus_gates.cli import main
 from consensus_gates.saving.onnx_files import OnnxRuntimeModel, check_onnx, example_shapes
 
-from conftest import randomize, rel_diff
+from conftest import gated_file, randomize, rel_diff
 
 X = torch.randn(2, 3, 32, 32)
 
@@ -85,26 +85,17 @@ def test_bad_onnx_files_are_refused_clearly(tmp_path):
               all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)  # fmt: skip
     with pytest.raises(cg.ModelFileError, match="keeps .* weights in external files"):
         OnnxRuntimeModel(tmp_path / "ext.onnx")
-    with pytest.raises(ValueError, match="export writes .pt2 .* or .onnx files, got"):
+    with pytest.raises(ValueError, match=r"export writes .pt2 .*, .onnx or .aoti.pt2 .* files, got"):
         cg.export(_slim("layer"), X, tmp_path / "slim.tflite")
     with pytest.raises(ValueError, match="takes 1 inputs"):
         OnnxRuntimeModel(tmp_path / "slim.onnx")(X, X)
-
-
-def _gated_file(tmp_path) -> str:
-    """A gated ResNet-20 whose consensus closes two blocks, saved for `cgates slim`."""
-    gated = cg.insert_gates(cg.create_model("resnet20"), X)
-    for name, gate in gated.gates.items():
-        gate.running_open_rate.fill_(0.0 if name in ("layer1.1", "layer3.2") else 1.0)
-    cg.save(gated, tmp_path / "gated.safetensors")
-    return str(tmp_path / "gated.safetensors")
 
 
 @pytest.mark.slow
 def test_cgates_slim_onnx_then_bench_times_it_with_onnxruntime(tmp_path):
     runner = CliRunner()
     out = tmp_path / "slim"
-    result = runner.invoke(main, ["slim", _gated_file(tmp_path), "-o", str(out), "--onnx",
+    result = runner.invoke(main, ["slim", gated_file(tmp_path), "-o", str(out), "--onnx",
                                   "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -129,7 +120,7 @@ def test_cgates_slim_onnx_then_bench_times_it_with_onnxruntime(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [(["--dtype", "bfloat16"], "an .onnx file is timed as exported, in float32"),
-     (["--compile"], "drop --dtype, --compile and --channels-last")],
+     (["--compile"], "drop --dtype, --compile, --aot and --channels-last")],
 )  # fmt: skip
 def test_cgates_bench_and_inspect_refuse_what_onnx_cannot_do_in_one_line(tmp_path, args, message):
     cg.export(_slim("layer"), X, tmp_path / "m.onnx")
@@ -152,7 +143,7 @@ def test_without_the_onnx_extra_slim_says_what_to_install_and_writes_nothing(tmp
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     out = tmp_path / "slim"
-    result = CliRunner().invoke(main, ["slim", _gated_file(tmp_path), "-o", str(out), "--onnx"])
+    result = CliRunner().invoke(main, ["slim", gated_file(tmp_path), "-o", str(out), "--onnx"])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert 'ONNX needs onnxscript: pip install "consensus-gates[onnx]"' in result.output
     assert not out.exists()  # checked before anything is written

@@ -177,7 +177,7 @@ def test_refusal_says_why_and_what_is_safe(exported, tmp_path):
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ("data/aotinductor/model/model.so", r"compiled native code \(AOTInductor\)"),
+        ("data/aotinductor/model/model.so", r"AOTInductor package, compiled native code.*--aot"),
         ("data/weights/model.pt", r"pickled weights \(the legacy weights file\)"),
         ("data/constants/custom_obj_0", r"a pickled custom object"),
         ("data/other/thing", r"an entry torch\.export\.save does not write \('data/other/"),

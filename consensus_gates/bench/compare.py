@@ -59,10 +59,11 @@ def load_for_bench(
 def _check_onnx_config(config: BenchConfig) -> None:
     """onnxruntime runs an ``.onnx`` file as exported: float32, no torch.compile, and the
     memory layout it chooses itself."""
-    if config.dtype != "float32" or config.compile or config.channels_last:
+    if config.dtype != "float32" or config.compile or config.aot or config.channels_last:
         raise ValueError(
             "an .onnx file is timed as exported, in float32 by onnxruntime: drop --dtype, "
-            "--compile and --channels-last for it, or time the .safetensors model with them"
+            "--compile, --aot and --channels-last for it, or time the .safetensors or .pt2 "
+            "model with them"
         )
 
 

@@ -13,7 +13,7 @@ import re
 import resource
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,8 @@ class BenchConfig:
         buffers: distinct random input batches, cycled, so that a cache-resident input does
             not flatter small models.
         compile: run the model through ``torch.compile`` first.
+        aot: compile the model with AOTInductor first, in this process, and time the
+            compiled package (what ``cgates slim --aot`` writes); needs a C++ compiler.
         channels_last: convert model and inputs to channels-last memory format.
         keep_freed_memory: call `keep_freed_memory` first, as a CPU deployment with jemalloc
             or tcmalloc would run (for the rest of the process: use it through `compare`).
@@ -74,6 +76,7 @@ class BenchConfig:
     runs: int = 50
     buffers: int = 4
     compile: bool = False
+    aot: bool = False
     channels_last: bool = False
     keep_freed_memory: bool = False
 
@@ -87,6 +90,8 @@ class BenchConfig:
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU here")
         if self.warmup < 0 or self.runs < 1 or self.buffers < 1:
             raise ValueError("warmup must be >= 0, runs and buffers >= 1")
+        if self.compile and self.aot:
+            raise ValueError("compile and aot are two ways to compile the model: choose one")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
@@ -196,6 +201,16 @@ def _prepare(model: nn.Module, config: BenchConfig) -> nn.Module:
     return torch.compile(model) if config.compile else model
 
 
+def _aot_compiled(model: nn.Module, x: Tensor) -> tuple[Callable[[Tensor], Any], float]:
+    """`model` compiled by AOTInductor for inputs like `x`, and the seconds it took."""
+    from ..saving.aot_package import compiled_module
+    from ..saving.files import export_program
+
+    t0 = time.perf_counter()
+    compiled = compiled_module(export_program(model, (x,)))
+    return compiled, time.perf_counter() - t0
+
+
 def _random_batches(input_shape: Sequence[int], batch: int, config: BenchConfig) -> list[Tensor]:
     """`config.buffers` random batches, the same for every model (seed 0), on the device."""
     image = config.channels_last and len(input_shape) == 3
@@ -266,6 +281,9 @@ def measure(
         raise ValueError(f"batch must be >= 1, got {batch}")
     model = _prepare(model, config)
     inputs = _random_batches(input_shape, batch, config)
+    extra = {}
+    if config.aot:
+        model, extra["aot_compile_s"] = _aot_compiled(model, inputs[0])
     # from before the first forward: what inference itself needs, at this batch
     device = torch.device(config.device)
     peak = _PeakCuda(device) if device.type == "cuda" else _PeakRss()
@@ -285,5 +303,5 @@ def measure(
             None if runs.energy_mj is None else runs.energy_mj / (config.runs * batch)
         ),
         # memory the allocator had returned to the OS and touched again: `keep_freed_memory`
-        extra={"page_faults_per_run": runs.page_faults / config.runs},
+        extra={"page_faults_per_run": runs.page_faults / config.runs, **extra},
     )

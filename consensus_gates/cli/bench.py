@@ -13,6 +13,7 @@ import torch
 from ..bench.compare import compare, ratios
 from ..bench.measure import BenchConfig
 from ..fx.surgery import materialize
+from ..saving.aot_package import require_compiler
 from ..saving.files import load, read_spec, save
 from ..saving.onnx_files import check_onnx, example_shapes
 from ..saving.pt2 import load_program
@@ -73,6 +74,8 @@ def _expand(models: tuple[str, ...], tmp: Path) -> tuple[dict[str, str], tuple[i
 @click.option("--runs", default=50, show_default=True, help="timed runs per process")
 @click.option("--warmup", default=10, show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile each model first")
+@click.option("--aot", is_flag=True, help="compile each model with AOTInductor first, in its "
+              "timing process: the form `cgates slim --aot` writes")  # fmt: skip
 @click.option("--channels-last", is_flag=True)
 @click.option("--keep-memory", is_flag=True,
               help="glibc keeps freed memory, as jemalloc and tcmalloc do")  # fmt: skip
@@ -80,24 +83,29 @@ def _expand(models: tuple[str, ...], tmp: Path) -> tuple[dict[str, str], tuple[i
 @model_arg_option
 def bench_command(models: tuple[str, ...], batch_text: str, device: str, dtype: str,
                   threads: int | None, input_shape: str | None, rounds: int, runs: int,
-                  warmup: int, compile_: bool, channels_last: bool, keep_memory: bool,
+                  warmup: int, compile_: bool, aot: bool, channels_last: bool, keep_memory: bool,
                   as_json: bool, model_args: tuple[str, ...]) -> None:  # fmt: skip
     """Time MODELS, each in its own process, alternating; the first is the baseline.
 
     A model is a slim or plain .safetensors file, a .pt2, an .onnx (run by onnxruntime), a
-    trainer checkpoint.pt (timed both gated and slim) or a zoo / torchvision name.
+    trainer checkpoint.pt (timed both gated and slim) or a zoo / torchvision name. An
+    AOTInductor package (.aoti.pt2) holds native code and is not loaded: give the .pt2 it
+    was compiled from with --aot, which compiles it in each timing process.
 
     \b
     Examples:
       cgates bench resnet56 runs/train/slim/slim.safetensors --batch 1,64
       cgates bench runs/train/checkpoint.pt --batch 64 --json
       cgates bench runs/train/slim/slim.pt2 runs/train/slim/slim.onnx --batch 1,64
+      cgates bench runs/train/original.pt2 runs/train/slim/slim.pt2 --aot --batch 64
       cgates bench resnet50 --device cuda --dtype float16 --batch 1,16,64,256
     """
     batches = _batches(batch_text)
     try:
+        if aot:
+            require_compiler()
         config = BenchConfig(device=device, dtype=dtype, threads=threads, warmup=warmup,
-                             runs=runs, compile=compile_, channels_last=channels_last,
+                             runs=runs, compile=compile_, aot=aot, channels_last=channels_last,
                              keep_freed_memory=keep_memory)  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             refs, saved_shape = _expand(models, Path(tmp))
@@ -122,7 +130,8 @@ def bench_command(models: tuple[str, ...], batch_text: str, device: str, dtype: 
     click.echo(f"input {tuple(shape)}, {results[0].device}, {config.dtype}, "
                f"{results[0].threads} threads, torch {torch.__version__}; median of {rounds} "
                f"processes; ratios against {baseline}"
-               f"{'; freed memory kept' if keep_memory else ''}")  # fmt: skip
+               f"{'; freed memory kept' if keep_memory else ''}"
+               f"{'; compiled by AOTInductor' if aot else ''}")  # fmt: skip
     click.echo(f"{'model':<32}{'batch':>6}{'ms':>10}{'p90 ms':>10}{'img/s':>10}{'peak MB':>9}"
                f"{'MFLOPs':>10}{'latency x':>10}{'FLOPs x':>9}")  # fmt: skip
     for m in results:

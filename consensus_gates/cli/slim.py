@@ -12,9 +12,10 @@ from torch import nn
 
 from ..consensus import consensus, fix_decisions, kept_fraction, unfix_decisions
 from ..cost import flops
-from ..errors import ModelFileError
+from ..errors import CompilerNotFound, ModelFileError
 from ..fx.graph_module import GatedModel, cut_decisions, example_inputs_of
 from ..fx.surgery import materialize
+from ..saving.aot_package import AOT_SUFFIX, require_compiler
 from ..saving.files import export, load, model_spec, read_spec, rebuild_gated, save
 from ..saving.onnx_files import require_onnx
 from ..training.checkpoint import model_from_checkpoint
@@ -97,33 +98,38 @@ def print_report(r: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--onnx", "onnx_", is_flag=True,
               help="also write OUT/slim.onnx, for onnxruntime (the onnx extra)")  # fmt: skip
+@click.option("--aot", is_flag=True, help="also write OUT/slim.aoti.pt2, compiled by "
+              "AOTInductor for this machine (needs a C++ compiler; tens of seconds)")  # fmt: skip
 def slim_command(checkpoint: str, out_dir: str | None, threshold: float, as_json: bool,
-                 onnx_: bool) -> None:  # fmt: skip
+                 onnx_: bool, aot: bool) -> None:  # fmt: skip
     """Cut the consensus sub-network out of a trained gated model.
 
     CHECKPOINT is the trainer's checkpoint.pt (or a gated model saved with `save`). Writes
     OUT/slim.safetensors (load with consensus_gates.load) and OUT/slim.pt2 (torch.export,
-    loads with plain torch), with --onnx also OUT/slim.onnx, then prints parameters, FLOPs
-    and gates kept, before and after.
+    loads with plain torch), with --onnx also OUT/slim.onnx and with --aot the AOTInductor
+    package OUT/slim.aoti.pt2, then prints parameters, FLOPs and gates kept, before and after.
 
     \b
     Examples:
       cgates slim runs/train/checkpoint.pt
       cgates slim runs/train/checkpoint.pt -o runs/slim --json
-      cgates slim runs/train/checkpoint.pt --onnx
+      cgates slim runs/train/checkpoint.pt --onnx --aot
     """
     try:
-        if onnx_:
-            require_onnx()  # before anything is written
+        if onnx_:  # before anything is written
+            require_onnx()
+        if aot:
+            require_compiler()
         out = check_folder(out_dir or Path(checkpoint).parent / "slim")
         gated = load_gated(checkpoint)
         slim, report = slim_report(gated, threshold)
-        files = [out / "slim.safetensors", out / "slim.pt2"] + [out / "slim.onnx"] * onnx_
+        files = [out / "slim.safetensors", out / "slim.pt2"]
+        files += [out / "slim.onnx"] * onnx_ + [out / f"slim{AOT_SUFFIX}"] * aot
         save(slim, files[0])
         x = tuple(torch.randn(2, *t.shape[1:], dtype=t.dtype) for t in example_inputs_of(gated))
         for path in files[1:]:
             export(slim, x, path)  # batch 2: torch.export specializes a batch of 1
-    except (ModelFileError, FileNotFoundError, ValueError, ImportError) as e:
+    except (ModelFileError, FileNotFoundError, ValueError, ImportError, CompilerNotFound) as e:
         raise click.ClickException(str(e)) from e
     report["files"] = [str(f) for f in files]
     if as_json:

@@ -25,6 +25,7 @@ from .graph_module import (
     gate_nodes,
     require_gated,
 )
+from .lifetimes import use_deferred_frees
 from .positions import position_named
 from .tracing import eliminate_dead_code, is_inplace
 
@@ -90,6 +91,7 @@ def slim_graph_module(gated: fx.GraphModule, decisions: Mapping[str, bool]) -> f
     _drop_identities(graph, modules)
     _drop_redundant_relus(graph, modules)
     graph.lint()
+    use_deferred_frees(graph)
     slim = fx.GraphModule(work, graph, class_name=type(gated).__name__.removeprefix("Gated"))
     slim.train(gated.training)
     return slim

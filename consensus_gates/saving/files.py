@@ -1,10 +1,12 @@
-"""Step 7: save and load without pickle (safetensors + a JSON spec), and torch.export."""
+"""Step 7: save and load without pickle (safetensors + a JSON spec), and export for deployment."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from .._utils import atomic_path, unwrap
+from .._utils import atomic_path, set_training, unwrap
 from ..config import GateConfig
 from ..consensus import normalize_decision
 from ..errors import ModelFileError
@@ -24,6 +26,7 @@ from ..fx.surgery import materialize
 from ..fx.tracing import as_input_tuple
 from ..gates.modules import LayerGate
 from ..models.registry import SOURCE_ATTR, create_model
+from .aot_package import AOT_SUFFIX, compile_package, require_compiler
 from .spec import (
     FORMAT,
     MAX_BATCH,
@@ -43,8 +46,7 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
         spec = {k: v for k, v in meta[META_KEY].items() if k not in ("rejected", "cut_flops")}
         # `load` traces the model on these shapes again; it needs no larger batch
         spec["inputs"] = [
-            {**s, "shape": [min(s["shape"][0], MAX_BATCH), *s["shape"][1:]]}
-            for s in spec["inputs"]
+            {**s, "shape": [min(s["shape"][0], MAX_BATCH), *s["shape"][1:]]} for s in spec["inputs"]
         ]
         if isinstance(model, GatedModel):
             spec["fixed"] = {n: g.fixed for n, g in model.gates.items() if g.fixed is not None}
@@ -255,35 +257,59 @@ def export(
       (``pip install "consensus-gates[onnx]"``); `OnnxRuntimeModel` runs it like a module.
       The spatial sizes of image inputs are dynamic too, where the model allows. Returns the
       ``torch.onnx.ONNXProgram``.
+    - ``.aoti.pt2``: an AOTInductor package, the program compiled ahead of time to native
+      code for this machine's CPU (or the model's GPU); it needs a C++ compiler and takes
+      tens of seconds. Run it with ``torch._inductor.aoti_load_package(path)``. Returns the
+      ``ExportedProgram`` it compiled.
 
     The batch dimension is dynamic unless `dynamic_batch` is False or the model cannot
     support it (then a warning says so). The model is exported in eval mode.
     """
     model = unwrap(model)
     inputs = as_input_tuple(example_inputs)
-    suffix = Path(path).suffix
-    if suffix not in (".pt2", ".onnx"):
-        raise ValueError(f"export writes .pt2 (torch.export) or .onnx files, got {str(path)!r}")
-    was_training = model.training
-    model.eval()
-    try:
-        if suffix == ".onnx":
-            from .onnx_files import export_onnx
+    name = Path(path).name
+    if not name.endswith((".pt2", ".onnx")):
+        raise ValueError(
+            f"export writes .pt2 (torch.export), .onnx or .aoti.pt2 (AOTInductor) files, "
+            f"got {str(path)!r}"
+        )
+    if name.endswith(".onnx"):
+        from .onnx_files import export_onnx
 
+        with eval_mode(model):
             return export_onnx(model, inputs, path, dynamic=dynamic_batch)
-        program = None
+    if name.endswith(AOT_SUFFIX):
+        require_compiler()  # before the export, which takes a while too
+    program = export_program(model, inputs, dynamic_batch)
+    if name.endswith(AOT_SUFFIX):
+        compile_package(program, path)
+    else:
+        with atomic_path(path) as tmp:
+            torch.export.save(program, str(tmp))
+    return program
+
+
+def export_program(
+    model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool = True
+) -> torch.export.ExportedProgram:
+    """`torch.export` of `model` in eval mode, with a dynamic batch where it can."""
+    with eval_mode(model):
         if dynamic_batch:
             shapes = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
             try:
-                program = torch.export.export(model, inputs, dynamic_shapes=shapes)
+                return torch.export.export(model, inputs, dynamic_shapes=shapes)
             except Exception as e:  # noqa: BLE001 - fall back to a static batch
                 warnings.warn(
-                    f"export with a dynamic batch failed ({e}); using a static batch", stacklevel=2
+                    f"export with a dynamic batch failed ({e}); using a static batch", stacklevel=3
                 )
-        if program is None:
-            program = torch.export.export(model, inputs)
+        return torch.export.export(model, inputs)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    set_training(model, False)
+    try:
+        yield
     finally:
-        model.train(was_training)
-    with atomic_path(path) as tmp:
-        torch.export.save(program, str(tmp))
-    return program
+        set_training(model, was_training)

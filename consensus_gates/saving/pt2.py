@@ -34,8 +34,13 @@ _SAFE_ENTRIES = re.compile(
     r"|data/weights/(model_weights_config\.json|weight_\d+)"
     r"|data/constants/(model_constants_config\.json|tensor_\d+)"
 )
+AOT_REFUSAL = (
+    "refusing to load {path}: it is an AOTInductor package, compiled native code that loading "
+    "would run. To time that form, pass the .pt2 program it was compiled from with --aot "
+    "(`cgates bench slim.pt2 --aot` compiles it in the timing process); to deploy it, load "
+    "it with torch._inductor.aoti_load_package where you trust the file"
+)
 _UNSAFE_ENTRIES = {
-    "data/aotinductor/": "compiled native code (AOTInductor), which loading would run",
     "data/constants/custom_obj_": "a pickled custom object",
     "data/constants/opaque_obj_": "a pickled Python object",
     "data/weights/model.pt": "pickled weights (the legacy weights file)",
@@ -127,6 +132,8 @@ def _check_entries(path: Path, archive: zipfile.ZipFile) -> None:
     entries = {}
     for info in infos:
         name = info.filename.removeprefix(root)
+        if name.startswith("data/aotinductor/"):
+            raise ModelFileError(AOT_REFUSAL.format(path=path))
         if not _SAFE_ENTRIES.fullmatch(name):
             why = next((w for p, w in _UNSAFE_ENTRIES.items() if name.startswith(p)), None)
             raise _refuse(path, why or f"an entry torch.export.save does not write ({name!r})")

@@ -7,7 +7,11 @@
 P1  latency ratio slim/original against the FLOPs ratio: CIFAR ResNet-56 (batch 64, 32x32)
     and torchvision ResNet-50 (batch 16, 224x224), 25/50/75% of the blocks closed (layer
     surgery) and half of the internal channels closed (channel surgery).
-P2  the slim model against the same network written by hand (`cifar_resnet(blocks=...)`).
+P1F P1's ratios on ResNet-56 in every form a user can deploy: the module `load` returns
+    (glibc's default malloc and freed memory kept), .pt2 (both), .onnx under onnxruntime and
+    the AOTInductor-compiled program.
+P2  the slim model against the same network written by hand (`cifar_resnet(blocks=...)`), in
+    the same forms.
 P3  one training step of the gated network against the ungated one (ResNet-56, batch 128),
     with a profiler table of where the extra time goes.
 P4  wall time of `insert_gates` and `materialize` on ResNet-50.
@@ -72,6 +76,7 @@ def setup(quick: bool, device: str, threads: int) -> dict[str, Any]:
             "levels": (0.5,),
             "p2": small,
             "p2_levels": (0.5,),
+            "forms": FORMS[:-1],  # AOTInductor compiles for minutes: tests/test_aot.py has it
             "p3": {"name": "resnet20", "batch": 16, "warmup": 1, "steps": 2, "rounds": 1},
             "p4": ("resnet18", (3, 64, 64)),
         }
@@ -81,6 +86,7 @@ def setup(quick: bool, device: str, threads: int) -> dict[str, Any]:
         "levels": (0.25, 0.5, 0.75),
         "p2": Arch("resnet56", (3, 32, 32), 64, timing(10, 40), 3),
         "p2_levels": (0.25, 0.75),
+        "forms": FORMS,
         "p3": {"name": "resnet56", "batch": 128, "warmup": 3, "steps": 10, "rounds": 3},
         "p4": ("resnet50", (3, 224, 224)),
     }
@@ -168,9 +174,63 @@ def p1(arch: Arch, levels: tuple[float, ...], tmp: Path) -> str:
     return f"{title}\n\n{table(head, rows)}"
 
 
-def p2(arch: Arch, levels: tuple[float, ...], tmp: Path) -> str:
-    """The slim model as a user loads it (`consensus_gates.load`, an fx module) against the
-    hand-written network (eager), and both exported (.pt2)."""
+# Every form a user can deploy: (column, file kind, timing changes). The module is what
+# `consensus_gates.load` returns (an fx GraphModule for a slim model, the eager network for a
+# plain one); AOTInductor compiles the .pt2 in each timing process.
+FORMS = (
+    ("module", "module", {}),
+    ("module, kept", "module", {"keep_freed_memory": True}),
+    (".pt2", ".pt2", {}),
+    (".pt2, kept", ".pt2", {"keep_freed_memory": True}),
+    (".onnx", ".onnx", {}),
+    ("AOTInductor", ".pt2", {"aot": True}),
+)
+
+
+def write_forms(models: Mapping[str, nn.Module], x: torch.Tensor, tmp: Path) -> dict:
+    """Each model saved and exported: file kind → label → file."""
+    files: dict[str, dict[str, Path]] = {"module": {}, ".pt2": {}, ".onnx": {}}
+    for i, (label, model) in enumerate(models.items()):
+        files["module"][label] = tmp / f"m{i}.safetensors"
+        cg.save(model, files["module"][label])
+        for kind in (".pt2", ".onnx"):
+            files[kind][label] = tmp / f"m{i}{kind}"
+            cg.export(model, x, files[kind][label])
+    return files
+
+
+def time_forms(files: dict, arch: Arch, forms: tuple) -> dict[str, dict[str, Any]]:
+    """column → label → Measurement, each form timed by its own `compare` (alternating)."""
+    return {
+        column: {m.model: m for m in compare(
+            files[kind], arch.shape, [arch.batch], replace(arch.config, **changes),
+            rounds=arch.rounds)}
+        for column, kind, changes in forms
+    }  # fmt: skip
+
+
+def p1_forms(arch: Arch, levels: tuple[float, ...], forms: tuple, tmp: Path) -> str:
+    """P1's latency ratios, slim/original, in every deployable form."""
+    models = {label: model for label, (model, _) in variants(arch, levels).items()}
+    timed = time_forms(write_forms(models, torch.randn(2, *arch.shape), tmp), arch, forms)
+    flops = {k: m.flops / timed[".pt2"]["original"].flops for k, m in timed[".pt2"].items()}
+    rows = []
+    for label in models:
+        cells = [timed[c][label].median_ms / timed[c]["original"].median_ms for c, *_ in forms]
+        rows.append([label, f"{flops[label]:.3f}", *(f"{q:.3f}" for q in cells)])
+    rows.append(["original, ms", "", *(f"{timed[c]['original'].median_ms:.1f}" for c, *_ in forms)])
+    return (
+        f"**{arch.name}**, batch {arch.batch}, latency ratio slim/original in each form; median "
+        f"of {arch.rounds} processes per model and form × {arch.config.runs} runs; \"kept\": "
+        "freed memory kept (`keep_freed_memory`)\n\n"
+        + table(["model", "FLOPs ratio", *(c for c, *_ in forms)], rows)
+    )
+
+
+def p2(arch: Arch, levels: tuple[float, ...], forms: tuple, tmp: Path) -> str:
+    """The slim model against the hand-written network with the same weights, in every
+    deployable form: the module as `consensus_gates.load` returns it (the slim model an fx
+    module, the hand-written one eager), exported, under onnxruntime and AOTInductor."""
     x = torch.randn(2, *arch.shape)
     rows = []
     for label, (slim, keep) in variants(arch, levels).items():
@@ -179,25 +239,17 @@ def p2(arch: Arch, levels: tuple[float, ...], tmp: Path) -> str:
         counts = [sum(v for n, v in keep.items() if n.startswith(f"layer{s}.")) for s in (1, 2, 3)]
         hand = cg.create_model("cifar_resnet", blocks=counts).eval()
         hand.load_state_dict(slim.state_dict())  # same names, same shapes: the same network
-        files = {"slim": tmp / "slim.safetensors", "hand": "cifar_resnet",
-                 "slim .pt2": tmp / "slim.pt2", "hand .pt2": tmp / "hand.pt2"}  # fmt: skip
-        cg.save(slim, files["slim"])
-        cg.export(slim, x, files["slim .pt2"])
-        cg.export(hand, x, files["hand .pt2"])
-        row = [label, "/".join(map(str, counts))]
-        for results in both(files, arch, model_args={"hand": {"blocks": counts}}):
-            ms = {m.model: m.median_ms for m in results}
-            params = {m.model: m.params for m in results}
-            assert params["slim"] == params["hand"], params
-            row += [f"{ms['hand']:.1f}", f"{ms['slim'] / ms['hand']:.3f}",
-                    f"{ms['slim .pt2'] / ms['hand .pt2']:.3f}"]  # fmt: skip
-        rows.append(row + [f"{params['slim']:,}"])
-    head = ["slim model", "blocks per stage", "hand ms", "slim/hand", "slim/hand .pt2",
-            "hand ms, kept", "slim/hand, kept", "slim/hand .pt2, kept", "params"]  # fmt: skip
+        timed = time_forms(write_forms({"slim": slim, "hand": hand}, x, tmp), arch, forms)
+        assert timed[".pt2"]["slim"].params == timed[".pt2"]["hand"].params
+        cells = [f"{timed[c]['slim'].median_ms / timed[c]['hand'].median_ms:.3f} "
+                 f"({timed[c]['hand'].median_ms:.1f})" for c, *_ in forms]  # fmt: skip
+        rows.append([label, "/".join(map(str, counts)), *cells])
     return (
         f"**{arch.name}** cut, against `cifar_resnet(blocks=...)` with the same weights; batch "
-        f"{arch.batch}, median of {arch.rounds} processes per model × {arch.config.runs} runs; "
-        '"kept": freed memory kept (`keep_freed_memory`)\n\n' + table(head, rows)
+        f"{arch.batch}; slim/hand in each form, the hand-built network's ms in brackets; median "
+        f"of {arch.rounds} processes per model and form × {arch.config.runs} runs; \"kept\": "
+        "freed memory kept (`keep_freed_memory`)\n\n"
+        + table(["slim model", "blocks per stage", *(c for c, *_ in forms)], rows)
     )
 
 
@@ -360,7 +412,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (printed in the doc)")
-    p.add_argument("--parts", default="P1,P2,P3,P4", help="which parts to run")
+    p.add_argument("--parts", default="P1,P1F,P2,P3,P4", help="which parts to run")
     p.add_argument("--quick", action="store_true", help="small models, few runs; for CI")
     p.add_argument("--out", type=Path, default=None, help="the doc [docs/benchmarks.md]; "
                    "--quick writes only where told")  # fmt: skip
@@ -371,8 +423,8 @@ def main() -> None:
         print(json.dumps({"p3": p3_worker, "p4": p4_worker}[job["task"]](job)))
         return
     parts = [s.strip().upper() for s in args.parts.split(",")]
-    if unknown := set(parts) - {"P1", "P2", "P3", "P4"}:
-        p.error(f"--parts: unknown {sorted(unknown)}; choose from P1,P2,P3,P4")
+    if unknown := set(parts) - {"P1", "P1F", "P2", "P3", "P4"}:
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from P1,P1F,P2,P3,P4")
     BenchConfig(device=args.device)  # a clear error now if there is no such device
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     s = setup(args.quick, args.device, args.threads)
@@ -380,8 +432,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if "P1" in parts:
             sections[f"P1 {kind}"] = "\n\n".join(p1(a, s["levels"], Path(tmp)) for a in s["p1"])
+        if "P1F" in parts:
+            sections[f"P1 forms {kind}"] = p1_forms(s["p2"], s["levels"], s["forms"], Path(tmp))
         if "P2" in parts:
-            sections[f"P2 {kind}"] = p2(s["p2"], s["p2_levels"], Path(tmp))
+            sections[f"P2 {kind}"] = p2(s["p2"], s["p2_levels"], s["forms"], Path(tmp))
     if "P3" in parts:
         sections[f"P3 {kind}"] = p3(s["p3"], args.device, args.threads)
     if "P4" in parts:
