@@ -47,8 +47,9 @@ def test_slim_aot_package_matches_the_slim_model_at_other_batches(slim_dir):
 def test_a_package_is_refused_as_code_and_bench_aot_compiles_the_program(slim_dir):
     with pytest.raises(cg.ModelFileError, match="AOTInductor package, compiled native code"):
         load_for_bench(slim_dir / "slim.aoti.pt2")
-    argv = ["bench", str(slim_dir / "slim.pt2"), "--aot", "--batch", "3", "--json", "--input-shape", "3,32,32",
-            "--rounds", "1", "--runs", "2", "--warmup", "1", "--threads", "1"]  # fmt: skip
+    argv = ["bench", str(slim_dir / "slim.pt2"), "--aot", "--batch", "3", "--json",
+            "--input-shape", "3,32,32", "--rounds", "1", "--runs", "2", "--warmup", "1",
+            "--threads", "1"]  # fmt: skip
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.output)["results"]

@@ -85,7 +85,7 @@ def test_bad_onnx_files_are_refused_clearly(tmp_path):
               all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)  # fmt: skip
     with pytest.raises(cg.ModelFileError, match="keeps .* weights in external files"):
         OnnxRuntimeModel(tmp_path / "ext.onnx")
-    with pytest.raises(ValueError, match=r"export writes .pt2 .*, .onnx or .aoti.pt2 .* files, got"):
+    with pytest.raises(ValueError, match=r"export writes .pt2 .*, .onnx or .aoti.pt2 .* got"):
         cg.export(_slim("layer"), X, tmp_path / "slim.tflite")
     with pytest.raises(ValueError, match="takes 1 inputs"):
         OnnxRuntimeModel(tmp_path / "slim.onnx")(X, X)

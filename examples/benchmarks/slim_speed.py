@@ -7,11 +7,12 @@
 P1  latency ratio slim/original against the FLOPs ratio: CIFAR ResNet-56 (batch 64, 32x32)
     and torchvision ResNet-50 (batch 16, 224x224), 25/50/75% of the blocks closed (layer
     surgery) and half of the internal channels closed (channel surgery).
-P1F P1's ratios on ResNet-56 in every form a user can deploy: the module `load` returns
-    (glibc's default malloc and freed memory kept), .pt2 (both), .onnx under onnxruntime and
-    the AOTInductor-compiled program.
+P1F P1's ratios in every form a user can deploy (ResNet-56; ResNet-50 at half): the module
+    `load` returns (glibc's default malloc and freed memory kept), .pt2 (both), .onnx under
+    onnxruntime and the AOTInductor-compiled program.
 P2  the slim model against the same network written by hand (`cifar_resnet(blocks=...)`), in
     the same forms.
+P2M P2's target for the module `load` returns, with more processes and the page faults.
 P3  one training step of the gated network against the ungated one (ResNet-56, batch 128),
     with a profiler table of where the extra time goes.
 P4  wall time of `insert_gates` and `materialize` on ResNet-50.
@@ -77,6 +78,8 @@ def setup(quick: bool, device: str, threads: int) -> dict[str, Any]:
             "p2": small,
             "p2_levels": (0.5,),
             "forms": FORMS[:-1],  # AOTInductor compiles for minutes: tests/test_aot.py has it
+            "p2m_rounds": 1,
+            "p1f": [(small, (0.5,))],
             "p3": {"name": "resnet20", "batch": 16, "warmup": 1, "steps": 2, "rounds": 1},
             "p4": ("resnet18", (3, 64, 64)),
         }
@@ -87,6 +90,12 @@ def setup(quick: bool, device: str, threads: int) -> dict[str, Any]:
         "p2": Arch("resnet56", (3, 32, 32), 64, timing(10, 40), 3),
         "p2_levels": (0.25, 0.75),
         "forms": FORMS,
+        "p2m_rounds": 8,
+        # ResNet-50 at one level: AOTInductor takes minutes to compile it in each process
+        "p1f": [
+            (replace(cifar, rounds=3), (0.25, 0.5, 0.75)),
+            (Arch("resnet50", (3, 224, 224), 16, timing(3, 10), 2), (0.5,)),
+        ],
         "p3": {"name": "resnet56", "batch": 128, "warmup": 3, "steps": 10, "rounds": 3},
         "p4": ("resnet50", (3, 224, 224)),
     }
@@ -211,6 +220,7 @@ def time_forms(files: dict, arch: Arch, forms: tuple) -> dict[str, dict[str, Any
 
 def p1_forms(arch: Arch, levels: tuple[float, ...], forms: tuple, tmp: Path) -> str:
     """P1's latency ratios, slim/original, in every deployable form."""
+    shape = "x".join(map(str, arch.shape))
     models = {label: model for label, (model, _) in variants(arch, levels).items()}
     timed = time_forms(write_forms(models, torch.randn(2, *arch.shape), tmp), arch, forms)
     flops = {k: m.flops / timed[".pt2"]["original"].flops for k, m in timed[".pt2"].items()}
@@ -220,9 +230,9 @@ def p1_forms(arch: Arch, levels: tuple[float, ...], forms: tuple, tmp: Path) -> 
         rows.append([label, f"{flops[label]:.3f}", *(f"{q:.3f}" for q in cells)])
     rows.append(["original, ms", "", *(f"{timed[c]['original'].median_ms:.1f}" for c, *_ in forms)])
     return (
-        f"**{arch.name}**, batch {arch.batch}, latency ratio slim/original in each form; median "
-        f"of {arch.rounds} processes per model and form × {arch.config.runs} runs; \"kept\": "
-        "freed memory kept (`keep_freed_memory`)\n\n"
+        f"**{arch.name}**, batch {arch.batch}, input {shape}, latency ratio slim/original in "
+        f"each form; median of {arch.rounds} processes per model and form × {arch.config.runs} "
+        'runs; "kept": freed memory kept (`keep_freed_memory`)\n\n'
         + table(["model", "FLOPs ratio", *(c for c, *_ in forms)], rows)
     )
 
@@ -247,9 +257,43 @@ def p2(arch: Arch, levels: tuple[float, ...], forms: tuple, tmp: Path) -> str:
     return (
         f"**{arch.name}** cut, against `cifar_resnet(blocks=...)` with the same weights; batch "
         f"{arch.batch}; slim/hand in each form, the hand-built network's ms in brackets; median "
-        f"of {arch.rounds} processes per model and form × {arch.config.runs} runs; \"kept\": "
+        f'of {arch.rounds} processes per model and form × {arch.config.runs} runs; "kept": '
         "freed memory kept (`keep_freed_memory`)\n\n"
         + table(["slim model", "blocks per stage", *(c for c, *_ in forms)], rows)
+    )
+
+
+def p2_module(arch: Arch, levels: tuple[float, ...], rounds: int, tmp: Path) -> str:
+    """P2's target for the module `load` returns, with more processes: slim (an fx module)
+    against hand-built (eager), glibc's default malloc and freed memory kept, page faults."""
+    arch = replace(arch, rounds=rounds)
+    rows = []
+    for label, (slim, keep) in variants(arch, levels).items():
+        if keep is None or "blocks" not in label:
+            continue
+        counts = [sum(v for n, v in keep.items() if n.startswith(f"layer{s}.")) for s in (1, 2, 3)]
+        hand = cg.create_model("cifar_resnet", blocks=counts).eval()
+        hand.load_state_dict(slim.state_dict())
+        files = write_forms({"slim": slim, "hand": hand}, torch.randn(2, *arch.shape), tmp)
+        timed = time_forms(files, arch, FORMS[:2])
+        row = [label, "/".join(map(str, counts))]
+        for column in ("module", "module, kept"):
+            ms = {k: m.median_ms for k, m in timed[column].items()}
+            spread = {k: m.spread_ms for k, m in timed[column].items()}
+            faults = {k: m.extra["page_faults_per_run"] for k, m in timed[column].items()}
+            row += [f"{ms['hand']:.1f} ({spread['hand'][0]:.0f}–{spread['hand'][1]:.0f})",
+                    f"{ms['slim']:.1f} ({spread['slim'][0]:.0f}–{spread['slim'][1]:.0f})",
+                    f"{ms['slim'] / ms['hand']:.3f}",
+                    f"{faults['hand']:.0f} / {faults['slim']:.0f}"]  # fmt: skip
+        rows.append(row)
+    head = ["slim model", "blocks per stage", "hand ms", "slim ms", "slim/hand",
+            "page faults hand / slim", "hand ms, kept", "slim ms, kept", "slim/hand, kept",
+            "page faults, kept"]  # fmt: skip
+    return (
+        f"**{arch.name}** cut, batch {arch.batch}: the slim model as `consensus_gates.load` "
+        "returns it (an fx module) against `cifar_resnet(blocks=...)` (eager) with the same "
+        f"weights; median of {rounds} processes per model × {arch.config.runs} runs, the "
+        "lowest and highest process in brackets; page faults per forward\n\n" + table(head, rows)
     )
 
 
@@ -412,8 +456,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (printed in the doc)")
-    p.add_argument("--parts", default="P1,P1F,P2,P3,P4", help="which parts to run")
+    p.add_argument("--parts", default="P1,P1F,P2,P2M,P3,P4", help="which parts to run")
     p.add_argument("--quick", action="store_true", help="small models, few runs; for CI")
+    p.add_argument("--archs", default=None, help="P1F: only these models, e.g. resnet50")
     p.add_argument("--out", type=Path, default=None, help="the doc [docs/benchmarks.md]; "
                    "--quick writes only where told")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -423,8 +468,8 @@ def main() -> None:
         print(json.dumps({"p3": p3_worker, "p4": p4_worker}[job["task"]](job)))
         return
     parts = [s.strip().upper() for s in args.parts.split(",")]
-    if unknown := set(parts) - {"P1", "P1F", "P2", "P3", "P4"}:
-        p.error(f"--parts: unknown {sorted(unknown)}; choose from P1,P1F,P2,P3,P4")
+    if unknown := set(parts) - {"P1", "P1F", "P2", "P2M", "P3", "P4"}:
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from P1,P1F,P2,P2M,P3,P4")
     BenchConfig(device=args.device)  # a clear error now if there is no such device
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     s = setup(args.quick, args.device, args.threads)
@@ -432,10 +477,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if "P1" in parts:
             sections[f"P1 {kind}"] = "\n\n".join(p1(a, s["levels"], Path(tmp)) for a in s["p1"])
-        if "P1F" in parts:
-            sections[f"P1 forms {kind}"] = p1_forms(s["p2"], s["levels"], s["forms"], Path(tmp))
+        for arch, levels in s["p1f"] if "P1F" in parts else ():
+            if args.archs is None or arch.name in args.archs.split(","):
+                sections[f"P1 forms {kind} {arch.name}"] = p1_forms(arch, levels, s["forms"],
+                                                                    Path(tmp))  # fmt: skip
         if "P2" in parts:
             sections[f"P2 {kind}"] = p2(s["p2"], s["p2_levels"], s["forms"], Path(tmp))
+        if "P2M" in parts:
+            sections[f"P2 module {kind}"] = p2_module(s["p2"], s["p2_levels"], s["p2m_rounds"],
+                                                      Path(tmp))  # fmt: skip
     if "P3" in parts:
         sections[f"P3 {kind}"] = p3(s["p3"], args.device, args.threads)
     if "P4" in parts:
