@@ -7,7 +7,7 @@
 P1  latency ratio slim/original against the FLOPs ratio: CIFAR ResNet-56 (batch 64, 32x32)
     and torchvision ResNet-50 (batch 16, 224x224), 25/50/75% of the blocks closed (layer
     surgery) and half of the internal channels closed (channel surgery).
-P1F P1's ratios in every form a user can deploy (ResNet-56; ResNet-50 at half): the module
+P1F P1's ratios in every form a user can deploy (ResNet-56 and ResNet-50): the module
     `load` returns (glibc's default malloc and freed memory kept), .pt2 (both), .onnx under
     onnxruntime and the AOTInductor-compiled program.
 P2  the slim model against the same network written by hand (`cifar_resnet(blocks=...)`), in
@@ -91,10 +91,9 @@ def setup(quick: bool, device: str, threads: int) -> dict[str, Any]:
         "p2_levels": (0.25, 0.75),
         "forms": FORMS,
         "p2m_rounds": 8,
-        # ResNet-50 at one level: AOTInductor takes minutes to compile it in each process
         "p1f": [
             (replace(cifar, rounds=3), (0.25, 0.5, 0.75)),
-            (Arch("resnet50", (3, 224, 224), 16, timing(3, 10), 2), (0.5,)),
+            (Arch("resnet50", (3, 224, 224), 16, timing(3, 10), 3), (0.25, 0.5, 0.75)),
         ],
         "p3": {"name": "resnet56", "batch": 128, "warmup": 3, "steps": 10, "rounds": 3},
         "p4": ("resnet50", (3, 224, 224)),
