@@ -89,7 +89,7 @@ def setup(quick: bool, device: str, threads: int) -> dict[str, Any]:
         "levels": (0.25, 0.5, 0.75),
         "p2": Arch("resnet56", (3, 32, 32), 64, timing(10, 40), 3),
         "p2_levels": (0.25, 0.75),
-        "forms": FORMS,
+        "forms": deployable_forms(device),
         "p2m_rounds": 8,
         "p1f": [
             (replace(cifar, rounds=3), (0.25, 0.5, 0.75)),
@@ -193,6 +193,19 @@ FORMS = (
     (".onnx", ".onnx", {}),
     ("AOTInductor", ".pt2", {"aot": True}),
 )
+
+
+def deployable_forms(device: str) -> tuple:
+    """FORMS, without .onnx on a GPU where onnxruntime has no CUDA execution provider."""
+    if device == "cpu":
+        return FORMS
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return FORMS
+    print("onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu): the "
+          ".onnx form is left out", file=sys.stderr)  # fmt: skip
+    return tuple(f for f in FORMS if f[1] != ".onnx")
 
 
 def write_forms(models: Mapping[str, nn.Module], x: torch.Tensor, tmp: Path) -> dict:
