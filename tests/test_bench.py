@@ -104,7 +104,7 @@ def test_slim_speed_benchmark_quick_mode_writes_its_sections(tmp_path):
     assert p2[0] == "50% blocks closed" and p2[1] == "1/2/2"
     assert len(p2) == 2 + 5 and all(re.fullmatch(r"\d\.\d{3} \(\d+\.\d\)", c) for c in p2[2:])
     (p2m,) = rows("P2 module cpu")[1:]
-    assert p2m[:2] == ["50% blocks closed", "1/2/2"] and 0.3 < float(p2m[4]) < 3
+    assert p2m[:2] == ["50% blocks closed", "1/2/2"] and 0 < float(p2m[4]) < 10
     forms = {r[0]: r[1:] for r in rows("P1 forms cpu resnet20")}  # module, kept, .pt2, kept, .onnx
     assert list(forms) == [*p1, "original, ms"]
     assert forms["original"] == ["1.000"] + ["1.000"] * 5

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -249,19 +249,25 @@ def p1_forms(arch: Arch, levels: tuple[float, ...], forms: tuple, tmp: Path) -> 
     )
 
 
-def p2(arch: Arch, levels: tuple[float, ...], forms: tuple, tmp: Path) -> str:
-    """The slim model against the hand-written network with the same weights, in every
-    deployable form: the module as `consensus_gates.load` returns it (the slim model an fx
-    module, the hand-written one eager), exported, under onnxruntime and AOTInductor."""
-    x = torch.randn(2, *arch.shape)
-    rows = []
+def timed_twins(arch: Arch, levels: tuple[float, ...], forms: tuple, tmp: Path) -> Iterator:
+    """For each layer cut: its label, blocks per stage, and `time_forms` of the slim model
+    against `cifar_resnet(blocks=...)` holding the same weights."""
     for label, (slim, keep) in variants(arch, levels).items():
         if keep is None or "blocks" not in label:
             continue
         counts = [sum(v for n, v in keep.items() if n.startswith(f"layer{s}.")) for s in (1, 2, 3)]
         hand = cg.create_model("cifar_resnet", blocks=counts).eval()
         hand.load_state_dict(slim.state_dict())  # same names, same shapes: the same network
-        timed = time_forms(write_forms({"slim": slim, "hand": hand}, x, tmp), arch, forms)
+        files = write_forms({"slim": slim, "hand": hand}, torch.randn(2, *arch.shape), tmp)
+        yield label, counts, time_forms(files, arch, forms)
+
+
+def p2(arch: Arch, levels: tuple[float, ...], forms: tuple, tmp: Path) -> str:
+    """The slim model against the hand-written network with the same weights, in every
+    deployable form: the module as `consensus_gates.load` returns it (the slim model an fx
+    module, the hand-written one eager), exported, under onnxruntime and AOTInductor."""
+    rows = []
+    for label, counts, timed in timed_twins(arch, levels, forms, tmp):
         assert timed[".pt2"]["slim"].params == timed[".pt2"]["hand"].params
         cells = [f"{timed[c]['slim'].median_ms / timed[c]['hand'].median_ms:.3f} "
                  f"({timed[c]['hand'].median_ms:.1f})" for c, *_ in forms]  # fmt: skip
@@ -280,14 +286,7 @@ def p2_module(arch: Arch, levels: tuple[float, ...], rounds: int, tmp: Path) -> 
     against hand-built (eager), glibc's default malloc and freed memory kept, page faults."""
     arch = replace(arch, rounds=rounds)
     rows = []
-    for label, (slim, keep) in variants(arch, levels).items():
-        if keep is None or "blocks" not in label:
-            continue
-        counts = [sum(v for n, v in keep.items() if n.startswith(f"layer{s}.")) for s in (1, 2, 3)]
-        hand = cg.create_model("cifar_resnet", blocks=counts).eval()
-        hand.load_state_dict(slim.state_dict())
-        files = write_forms({"slim": slim, "hand": hand}, torch.randn(2, *arch.shape), tmp)
-        timed = time_forms(files, arch, FORMS[:2])
+    for label, counts, timed in timed_twins(arch, levels, FORMS[:2], tmp):
         row = [label, "/".join(map(str, counts))]
         for column in ("module", "module, kept"):
             ms = {k: m.median_ms for k, m in timed[column].items()}
