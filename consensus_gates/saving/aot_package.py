@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch._inductor
 
 from .._utils import atomic_path
 from ..errors import CompilerNotFound
@@ -37,6 +36,8 @@ def require_compiler() -> None:
 def compile_package(program: torch.export.ExportedProgram, path: str | os.PathLike) -> Path:
     """Compile `program` with AOTInductor into the package `path`, written atomically."""
     require_compiler()
+    import torch._inductor  # a second of import time: only here, not with the package
+
     # on a machine without CUDA, torch warns that it found none, though none is needed
     quiet = logging.getLogger("torch.utils.cpp_extension")
     level = quiet.level
@@ -52,6 +53,8 @@ def compile_package(program: torch.export.ExportedProgram, path: str | os.PathLi
 def compiled_module(program: torch.export.ExportedProgram) -> Callable[..., Any]:
     """`program` compiled with AOTInductor and loaded back, in this process: a callable
     that runs like the program's module. The package lives only in a temporary folder."""
+    import torch._inductor
+
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_package(program, Path(tmp) / f"model{AOT_SUFFIX}")
         return torch._inductor.aoti_load_package(str(package))

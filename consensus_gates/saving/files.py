@@ -46,7 +46,8 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
         spec = {k: v for k, v in meta[META_KEY].items() if k not in ("rejected", "cut_flops")}
         # `load` traces the model on these shapes again; it needs no larger batch
         spec["inputs"] = [
-            {**s, "shape": [min(s["shape"][0], MAX_BATCH), *s["shape"][1:]]} for s in spec["inputs"]
+            {**s, "shape": [min(s["shape"][0], MAX_BATCH), *s["shape"][1:]]}
+            for s in spec["inputs"]
         ]
         if isinstance(model, GatedModel):
             spec["fixed"] = {n: g.fixed for n, g in model.gates.items() if g.fixed is not None}
