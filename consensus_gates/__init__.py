@@ -34,16 +34,21 @@ from .errors import (
 from .fx.graph_module import GatedModel
 from .fx.insert import insert_gates
 from .fx.positions import register_position
-from .fx.surgery import materialize
 from .gates import ChannelGate, Gate, LayerGate, register_head
 from .losses import GateLosses, activation_loss, gate_losses, polarization_loss
 from .models import create_model, list_models, register_model
 from .saving import export, load, save
+from .slimming import materialize
 
 __version__ = "0.1.0"
 
 # The trainer pulls in tqdm and matplotlib: imported on first use, not with the core.
-_LAZY = {"TrainConfig": "training", "train": "training", "evaluate": "training"}
+_LAZY = {
+    "TrainConfig": "training",
+    "train": "training",
+    "evaluate": "training",
+    "evaluate_loss": "training",
+}
 
 
 def __getattr__(name: str):
@@ -79,6 +84,7 @@ __all__ = [
     "consensus",
     "create_model",
     "evaluate",
+    "evaluate_loss",
     "export",
     "fix_decisions",
     "flops",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -16,13 +16,15 @@ from torch import Tensor, nn
 from ._utils import set_training
 from .consensus import kept_fraction, normalize_decision, resolve_decisions
 from .fx.graph_module import META_KEY, example_inputs_of, require_gated
-from .fx.surgery import slim_graph_module
 from .fx.tracing import as_input_tuple
 from .gates.modules import LayerGate
+from .hf import as_traceable_call, is_transformer, per_token_divisor
+from .slimming import slimmed
 
 with warnings.catch_warnings():  # fvcore's import calls the deprecated torch.jit.script
     warnings.simplefilter("ignore", FutureWarning)
     from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 
 class Cost(NamedTuple):
@@ -39,11 +41,21 @@ class Cost(NamedTuple):
         return f"{self.flops / 1e6:,.2f} MFLOPs, {self.params / 1e6:,.3f} M params"
 
 
-def flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -> Cost:
+def flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...] | Mapping) -> Cost:
     """Count a model's FLOPs with fvcore (in eval mode, without gradients) and its parameters.
 
     FLOPs scale with the batch size of `example_inputs`; use a batch of 1 for per-image numbers.
+    A Hugging Face model takes its inputs as a dict (or its main input as a tensor), and
+    its FLOPs are per token of ``input_ids`` when it has them: attention's share grows with
+    the sequence length, so compare counts at one length.
     """
+    cost = total_cost(model, example_inputs)
+    tokens = per_token_divisor(model, example_inputs)
+    return cost if tokens == 1 else Cost(round(cost.flops / tokens), cost.params)
+
+
+def total_cost(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...] | Mapping) -> Cost:
+    """`flops` of the whole forward, never per token."""
     with _analysis(model, example_inputs) as analysis:
         total = int(analysis.total())
     return Cost(total, sum(p.numel() for p in model.parameters()))
@@ -60,20 +72,32 @@ def module_flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) 
 def _analysis(model: nn.Module, example_inputs) -> Iterator[FlopCountAnalysis]:
     """A quiet fvcore analysis of `model` in eval mode, without gradients; fvcore counts
     lazily, so read it inside the block."""
-    inputs = as_input_tuple(example_inputs)
     was_training = model.training
     set_training(model, False)
+    if is_transformer(model):  # fvcore's jit trace needs a function of tensors
+        traced, inputs = as_traceable_call(model, example_inputs)
+    else:
+        traced, inputs = model, as_input_tuple(example_inputs)
     logger = logging.getLogger("fvcore")
     level = logger.level
     logger.setLevel(logging.ERROR)  # fvcore warns about every op it does not count
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            analysis = FlopCountAnalysis(model, inputs)
+            analysis = FlopCountAnalysis(traced, inputs)
+            analysis.set_op_handle("aten::scaled_dot_product_attention", _attention_flops)
             yield analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     finally:
         logger.setLevel(level)
         set_training(model, was_training)
+
+
+def _attention_flops(inputs: list, outputs: list) -> int:
+    """fvcore counts no fused attention: Q·Kᵀ and the weighted sum of V, one multiply-add
+    per term, as for matmul."""
+    q, k, v = (get_shape(i) for i in inputs[:3])
+    batch = math.prod(q[:-2])
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
 def branch_costs(model: nn.Module, example_inputs=None) -> OrderedDict[str, Cost]:
@@ -86,16 +110,15 @@ def branch_costs(model: nn.Module, example_inputs=None) -> OrderedDict[str, Cost
     the closed branches' costs. Also stores each gate's FLOPs in its ``branch_flops`` buffer.
     """
     gated = require_gated(model)
-    inputs = (
-        as_input_tuple(example_inputs) if example_inputs is not None else example_inputs_of(gated)
-    )
+    if example_inputs is None:
+        inputs = example_inputs_of(gated)
+    else:  # a Hugging Face model's dict as it is
+        inputs = example_inputs if is_transformer(gated) else as_input_tuple(example_inputs)
     gates = gated.gates
     all_open = {n: normalize_decision(g, True) for n, g in gates.items()}
-    # channel cuts prune weights in place, so they work on a copy; layer cuts only rewire
-    share = all(isinstance(g, LayerGate) for g in gates.values())
 
     def cost(decisions: dict) -> Cost:
-        return flops(slim_graph_module(gated if share else copy.deepcopy(gated), decisions), inputs)
+        return total_cost(slimmed(gated, decisions, share=True), inputs)
 
     base = cost(all_open)
     costs = OrderedDict()
@@ -159,6 +182,6 @@ def all_open_flops(model: nn.Module) -> int:
     if getattr(gated, "_cg_all_open_flops", None) is None:
         inputs = _fixed_example(gated)
         all_open = {n: normalize_decision(g, True) for n, g in gated.gates.items()}
-        total = flops(slim_graph_module(copy.deepcopy(gated), all_open), inputs).flops
+        total = total_cost(slimmed(gated, all_open, share=False), inputs).flops
         gated._cg_all_open_flops = total  # a plain attribute: not a weight, not in the spec
     return gated._cg_all_open_flops

@@ -30,7 +30,7 @@ def test_ci_runs_the_readme_test_command():
 @pytest.mark.slow
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     """The resnet50 snippet: gate, 3 training steps, consensus, slim, save, export."""
-    (code,) = re.findall(r"```python\n(.*?)```", README, re.S)
+    (code,) = [c for c in _python_blocks() if "resnet50" in c]
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     namespace: dict = {}
@@ -39,6 +39,26 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert len(gated.gates) == 16
     assert not any(isinstance(m, cg.LayerGate) for m in slim.modules())
     assert (tmp_path / "slim.safetensors").is_file() and (tmp_path / "slim.pt2").is_file()
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+def test_readme_transformers_example_runs(tmp_path, monkeypatch):
+    """The Llama snippet: gate, train with its own loss and a target, cut, generate, save."""
+    (code,) = [c for c in _python_blocks() if "LlamaForCausalLM" in c]
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    cg, model, slim = namespace["cg"], namespace["model"], namespace["slim"]
+    assert type(slim).__name__ == "SlimLlamaForCausalLM"
+    ids = namespace["ids"][:1]
+    assert cg.flops(slim, ids).flops < cg.flops(model, ids).flops  # the target closed some
+    loaded = cg.load(tmp_path / "slim.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, slim(ids).logits)
 
 
 def test_quickstart_example_end_to_end(tmp_path):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..cost import flops, flops_ratio, module_flops
 from ..fx.insert import insert_gates
-from ..fx.surgery import materialize
+from ..slimming import materialize
 
 WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 

@@ -12,11 +12,11 @@ import torch
 
 from ..bench.compare import compare, ratios
 from ..bench.measure import BenchConfig
-from ..fx.surgery import materialize
 from ..saving.aot_package import require_compiler
 from ..saving.files import load, read_spec, save
 from ..saving.onnx_files import check_onnx, example_shapes
 from ..saving.pt2 import load_program
+from ..slimming import materialize
 from .app import main, model_arg_option, parse_model_args, parse_shape
 from .slim import load_gated
 

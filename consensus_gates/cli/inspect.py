@@ -8,16 +8,16 @@ from typing import Any
 
 import click
 import torch
-from torch import Tensor
 
 from ..consensus import consensus
 from ..cost import branch_costs, flops
 from ..errors import ModelFileError
-from ..fx.graph_module import GatedModel, example_inputs_of
+from ..fx.graph_module import Gated, example_inputs_of
 from ..fx.insert import insert_gates
-from ..fx.surgery import materialize
+from ..hf.gating import GatedTransformer
 from ..models import CifarResNet, create_model
 from ..saving.files import decisions_of, load, read_spec, rebuild_gated
+from ..slimming import materialize
 from ..training.checkpoint import model_from_checkpoint
 from .app import main, model_arg_option, parse_model_args, parse_shape
 
@@ -41,12 +41,12 @@ def _read(path: Path) -> tuple[torch.nn.Module, Decisions | None]:
             gated = rebuild_gated(spec, what=str(path))
             return gated, decisions_of(spec, gated, str(path))
         model = load(path)
-    return model, (consensus(model).decisions if isinstance(model, GatedModel) else None)
+    return model, (consensus(model).decisions if isinstance(model, Gated) else None)
 
 
 def _build(
     model_or_file: str, model_args: dict[str, Any], shape: str | None
-) -> tuple[GatedModel, Decisions | None, tuple[Tensor, ...]]:
+) -> tuple[Gated, Decisions | None, Any]:
     """The gated model to inspect, the decisions to show (None for none) and its inputs."""
     path = Path(model_or_file)
     if path.is_file() or path.suffix in (".pt", ".pt2", ".onnx", ".safetensors"):
@@ -55,14 +55,18 @@ def _build(
         model, decisions = _read(path)
     else:
         model, decisions = create_model(model_or_file, **model_args), None
-    if shape is not None:
+    if isinstance(model, GatedTransformer):
+        if shape is not None:
+            raise ValueError("--input-shape is for image models; a transformer file keeps its own")
+        x = example_inputs_of(model)
+    elif shape is not None:
         x = (torch.randn(1, *parse_shape(shape)),)
-    elif isinstance(model, GatedModel):
+    elif isinstance(model, Gated):
         x = example_inputs_of(model)
     else:
         cifar = isinstance(model, CifarResNet)
         x = (torch.randn(1, *((model.conv1.in_channels, 32, 32) if cifar else (3, 224, 224))),)
-    if isinstance(model, GatedModel):
+    if isinstance(model, Gated):
         return model, decisions, x
     return insert_gates(model, tuple(t.expand(2, *t.shape[1:]) for t in x)), decisions, x
 
@@ -104,15 +108,13 @@ def inspect(
         _print_table(report)
 
 
-def _report(
-    name: str, gated: GatedModel, decisions: Decisions | None, x: tuple[Tensor, ...]
-) -> dict[str, Any]:
+def _report(name: str, gated: Gated, decisions: Decisions | None, x: Any) -> dict[str, Any]:
     costs = branch_costs(gated, x)
     total = flops(materialize(gated, dict.fromkeys(gated.gates, True)), x)
     ungated = flops(materialize(gated, dict.fromkeys(gated.gates, False)), x)
     report = {
         "model": name,
-        "input_shape": list(x[0].shape[1:]),
+        "input_shape": input_shapes(x),
         "flops": total.flops,
         "params": total.params,
         "gated_flops": total.flops - ungated.flops,  # what closing every gate would remove
@@ -129,6 +131,13 @@ def _report(
     return report
 
 
+def input_shapes(x: Any) -> Any:
+    """One sample's input shape; for a transformer, each input's."""
+    if isinstance(x, dict):
+        return {k: list(v.shape[1:]) for k, v in x.items()}
+    return list(x[0].shape[1:])
+
+
 def _kept(decision: bool | tuple[bool, ...]) -> str:
     if isinstance(decision, bool):
         return "yes" if decision else "no"
@@ -139,8 +148,13 @@ def _print_table(r: dict[str, Any]) -> None:
     blocks = r["blocks"]
     n_blocks = len({b["name"].split("/")[0] for b in blocks})
     gates = f", {len(blocks)} gates" if len(blocks) != n_blocks else ""
+    shape = r["input_shape"]
+    shown = ", ".join(f"{k} {tuple(v)}" for k, v in shape.items()) if isinstance(shape, dict) else (
+        tuple(shape)
+    )
+    per = " per token" if isinstance(shape, dict) and "input_ids" in shape else ""
     click.echo(
-        f"{r['model']}: input {tuple(r['input_shape'])}, {r['flops'] / 1e6:,.2f} MFLOPs, "
+        f"{r['model']}: input {shown}, {r['flops'] / 1e6:,.2f} MFLOPs{per}, "
         f"{r['params']:,} parameters, {n_blocks} residual blocks{gates}"
     )
     head = f"{'gate':<48}{'MFLOPs':>10}{'% FLOPs':>9}{'params':>12}"

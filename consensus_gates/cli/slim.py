@@ -13,17 +13,20 @@ from torch import nn
 from ..consensus import consensus, fix_decisions, kept_fraction, unfix_decisions
 from ..cost import flops
 from ..errors import CompilerNotFound, ModelFileError
-from ..fx.graph_module import GatedModel, cut_decisions, example_inputs_of
-from ..fx.surgery import materialize
+from ..fx.graph_module import Gated, cut_decisions, example_inputs_of
+from ..hf import main_output, repeat_rows
+from ..hf.gating import GatedTransformer
 from ..saving.aot_package import AOT_SUFFIX, require_compiler
 from ..saving.files import export, load, model_spec, read_spec, rebuild_gated, save
 from ..saving.onnx_files import require_onnx
+from ..slimming import materialize
 from ..training.checkpoint import model_from_checkpoint
 from ..training.runs import check_folder
 from .app import main
+from .inspect import input_shapes
 
 
-def load_gated(path: str | Path) -> GatedModel:
+def load_gated(path: str | Path) -> Gated:
     """A trained gated model from a trainer checkpoint (.pt) or a gated .safetensors file."""
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -31,7 +34,7 @@ def load_gated(path: str | Path) -> GatedModel:
             raise ModelFileError(f"{path} holds no gates; give a checkpoint of a gated model")
         return load(path)
     model = model_from_checkpoint(path)
-    if not isinstance(model, GatedModel):
+    if not isinstance(model, Gated):
         raise ModelFileError(
             f"{path} is the checkpoint of a plain {type(model).__name__}, trained without "
             "gates: there is no consensus to cut out"
@@ -39,7 +42,7 @@ def load_gated(path: str | Path) -> GatedModel:
     return model
 
 
-def slim_report(gated: GatedModel, threshold: float = 0.5) -> tuple[nn.Module, dict[str, Any]]:
+def slim_report(gated: Gated, threshold: float = 0.5) -> tuple[nn.Module, dict[str, Any]]:
     """Materialize the consensus; measure both sides and check that the outputs agree."""
     gated = gated.eval()
     c = consensus(gated, threshold)
@@ -47,11 +50,11 @@ def slim_report(gated: GatedModel, threshold: float = 0.5) -> tuple[nn.Module, d
     slim = materialize(gated, c).eval()
     x = example_inputs_of(gated)
     before, after = flops(_original(gated), x), flops(slim, x)
-    batch = tuple(torch.randn(4, *t.shape[1:], dtype=t.dtype) for t in x)
+    batch = repeat_rows(x, 4)
     with torch.no_grad():
-        ref, out = gated(*batch), slim(*batch)
+        ref, out = main_output(gated, batch), main_output(slim, batch)
     report = {
-        "input_shape": list(x[0].shape[1:]),
+        "input_shape": input_shapes(x),
         "flops": [before.flops, after.flops],
         "params": [before.params, after.params],
         "gates": len(c.decisions),
@@ -64,7 +67,7 @@ def slim_report(gated: GatedModel, threshold: float = 0.5) -> tuple[nn.Module, d
     return slim, report
 
 
-def _original(gated: GatedModel) -> nn.Module:
+def _original(gated: Gated) -> nn.Module:
     """The network `gated` was made from, with every gate open and gone: rebuilt from its
     spec when gates were cut out of it while training (its weights do not matter here)."""
     if cut_decisions(gated):
@@ -74,10 +77,15 @@ def _original(gated: GatedModel) -> nn.Module:
     return materialize(gated, dict.fromkeys(gated.gates, True))
 
 
+def _unit(r: dict[str, Any]) -> str:
+    shape = r["input_shape"]
+    return "token" if isinstance(shape, dict) and "input_ids" in shape else "sample"
+
+
 def print_report(r: dict[str, Any]) -> None:
     click.echo(f"{'':<24}{'original':>14}{'slim':>14}{'slim/original':>15}")
     for label, (a, b), scale in (
-        ("MFLOPs per sample", r["flops"], 1e6),
+        (f"MFLOPs per {_unit(r)}", r["flops"], 1e6),
         ("parameters (M)", r["params"], 1e6),
     ):
         click.echo(f"{label:<24}{a / scale:>14,.3f}{b / scale:>14,.3f}{b / a:>15.3f}")
@@ -122,11 +130,14 @@ def slim_command(checkpoint: str, out_dir: str | None, threshold: float, as_json
             require_compiler()
         out = check_folder(out_dir or Path(checkpoint).parent / "slim")
         gated = load_gated(checkpoint)
+        transformer = isinstance(gated, GatedTransformer)
+        if transformer and (onnx_ or aot):
+            raise ValueError("--onnx and --aot are for image models, not Hugging Face models yet")
         slim, report = slim_report(gated, threshold)
-        files = [out / "slim.safetensors", out / "slim.pt2"]
+        files = [out / "slim.safetensors"] + [out / "slim.pt2"] * (not transformer)
         files += [out / "slim.onnx"] * onnx_ + [out / f"slim{AOT_SUFFIX}"] * aot
         save(slim, files[0])
-        x = tuple(torch.randn(2, *t.shape[1:], dtype=t.dtype) for t in example_inputs_of(gated))
+        x = repeat_rows(example_inputs_of(gated), 2)
         for path in files[1:]:
             export(slim, x, path)  # batch 2: torch.export specializes a batch of 1
     except (ModelFileError, FileNotFoundError, ValueError, ImportError, CompilerNotFound) as e:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import Tensor, nn
+from torch import nn
 
 from .._utils import unwrap
 from ..gates import Gate
@@ -20,11 +20,12 @@ META_KEY = "consensus_gates"
 GATES_ATTR = "gate_modules"
 
 
-class GatedModel(fx.GraphModule):
-    """A traced copy of a model with a gate on each residual branch.
+class Gated:
+    """What every model `insert_gates` returns offers: its gates, by stable name, and how
+    it was made (``meta[META_KEY]``). `GatedModel` is one; a gated Hugging Face model,
+    still an instance of its own class, is the other."""
 
-    Call it like the original model. ``gates`` maps stable names (``"layer2.3"``) to gates.
-    """
+    meta: dict[str, Any]
 
     @property
     def gates(self) -> OrderedDict[str, Gate]:
@@ -35,10 +36,26 @@ class GatedModel(fx.GraphModule):
         """How this model was made: source model, example input shapes, config, leaves."""
         return self.meta[META_KEY]
 
+    def example_inputs(self) -> Any:
+        """Random inputs of the shapes given to `insert_gates`, batch size 1."""
+        spec = self.meta[META_KEY]["inputs"]
+        ref = next(self.parameters())
+        return tuple(
+            torch.randn(1, *s["shape"][1:], dtype=getattr(torch, s["dtype"]), device=ref.device)
+            for s in spec
+        )
 
-def require_gated(model: nn.Module) -> GatedModel:
+
+class GatedModel(Gated, fx.GraphModule):
+    """A traced copy of a model with a gate on each residual branch.
+
+    Call it like the original model. ``gates`` maps stable names (``"layer2.3"``) to gates.
+    """
+
+
+def require_gated(model: nn.Module) -> Gated:
     model = unwrap(model)
-    if not isinstance(model, GatedModel):
+    if not isinstance(model, Gated):
         raise TypeError(
             f"expected a model returned by insert_gates(), got {type(model).__name__}; "
             "call consensus_gates.insert_gates(model, example_inputs) first"
@@ -46,14 +63,10 @@ def require_gated(model: nn.Module) -> GatedModel:
     return model
 
 
-def example_inputs_of(model: nn.Module) -> tuple[Tensor, ...]:
-    """Random inputs of the shapes given to `insert_gates`, batch size 1."""
-    spec = require_gated(model).meta[META_KEY]["inputs"]
-    ref = next(model.parameters())
-    return tuple(
-        torch.randn(1, *s["shape"][1:], dtype=getattr(torch, s["dtype"]), device=ref.device)
-        for s in spec
-    )
+def example_inputs_of(model: nn.Module) -> Any:
+    """Random inputs of the shapes given to `insert_gates`, batch size 1: a tuple of tensors,
+    or a dict of them for a Hugging Face model."""
+    return require_gated(model).example_inputs()
 
 
 def cut_decisions(model: nn.Module) -> dict[str, bool | tuple[bool, ...]]:

@@ -1,4 +1,5 @@
-"""Step 6: `materialize` cuts closed branches out and removes every gate: a smaller dense model."""
+"""Step 6 on a traced graph: cut closed branches and channels out and remove every gate, leaving
+a smaller dense graph (`consensus_gates.slimming.materialize` is the verb)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..consensus import Consensus, resolve_decisions
 from ..gates.modules import ChannelGate, LayerGate
 from .blocks import producer_chain
 from .fold import fold_closed_points
-from .graph_module import (
-    META_KEY,
-    attr_name,
-    cut_decisions,
-    example_inputs_of,
-    gate_nodes,
-    require_gated,
-)
+from .graph_module import attr_name, example_inputs_of, gate_nodes
 from .lifetimes import use_deferred_frees
 from .positions import position_named
 from .tracing import eliminate_dead_code, is_inplace
@@ -43,35 +36,6 @@ def pruning() -> ModuleType:
 
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
 RELU_METHODS = {"relu", "relu_"}
-
-
-def materialize(
-    model: nn.Module, decisions: Mapping[str, bool] | Consensus | None = None
-) -> fx.GraphModule:
-    """Physically remove closed branches and all gating modules.
-
-    Args:
-        model: a model from `insert_gates` (it is not modified).
-        decisions: gate name → open; names left out, or ``None``, take the consensus.
-
-    Returns:
-        A plain `torch.fx.GraphModule` on the same device and dtype: a closed block becomes
-        its shortcut (plus whatever followed the merge), an open one runs its branch ungated.
-        No gate code, mask or multiplication by 1 is left. In eval mode its output equals the
-        gated model's with `fix_decisions(model, decisions)`. It works inside
-        `torch.no_grad()` and `torch.inference_mode()` too.
-    """
-    gated = require_gated(model)
-    resolved = resolve_decisions(gated, decisions)
-    # torch-pruning traces dependencies through autograd, and tensors copied in inference
-    # mode could never train again: do the surgery with both back on.
-    with torch.inference_mode(False), torch.enable_grad():
-        slim = slim_graph_module(copy.deepcopy(gated), resolved)
-    meta = {k: v for k, v in gated.meta[META_KEY].items() if k not in ("cut", "cut_flops")}
-    # every gate's decision, those cut while training too: `load` replays them all at once
-    decisions = {**cut_decisions(gated), **resolved}
-    slim.meta[META_KEY] = {**meta, "kind": "slim", "decisions": decisions}
-    return slim
 
 
 def slim_graph_module(gated: fx.GraphModule, decisions: Mapping[str, bool]) -> fx.GraphModule:

@@ -22,10 +22,12 @@ from ..errors import ModelFileError
 from ..fx.cut import replay_cuts
 from ..fx.graph_module import META_KEY, GatedModel
 from ..fx.insert import insert_gates
-from ..fx.surgery import materialize
 from ..fx.tracing import as_input_tuple
 from ..gates.modules import LayerGate
+from ..hf.gating import TransformerFile
+from ..hf.saving import gated_from_spec, rebuild_transformer, transformer_spec
 from ..models.registry import SOURCE_ATTR, create_model
+from ..slimming import materialize
 from .aot_package import AOT_SUFFIX, compile_package, require_compiler
 from .spec import (
     FORMAT,
@@ -41,7 +43,9 @@ from .spec import (
 def model_spec(model: nn.Module) -> dict[str, Any]:
     """How `load` rebuilds `model`: source model, example input shapes, config, decisions."""
     meta = getattr(model, "meta", None)
-    if isinstance(meta, dict) and META_KEY in meta:
+    if isinstance(model, TransformerFile):
+        spec = transformer_spec(model)
+    elif isinstance(meta, dict) and META_KEY in meta:
         # `load` measures cut_flops again when it replays the cuts
         spec = {k: v for k, v in meta[META_KEY].items() if k not in ("rejected", "cut_flops")}
         # `load` traces the model on these shapes again; it needs no larger batch
@@ -117,6 +121,8 @@ def rebuild(
     instance of the original architecture), then `insert_gates` and `materialize` as
     recorded. The spec is validated first; anything it gets wrong is a ModelFileError."""
     validate_spec(spec, what)
+    if "transformers" in spec:
+        return rebuild_transformer(spec, what)
     if spec["kind"] == "plain":
         return _source_model(spec, model, what)
     gated = rebuild_gated(spec, model, what)
@@ -139,6 +145,8 @@ def rebuild_gated(
     validate_spec(spec, what)
     if spec["kind"] == "plain":
         raise ModelFileError(f"{what} holds a plain model, without gates")
+    if "transformers" in spec:
+        return _file_step(what, "trace its layers", gated_from_spec, spec, what)
     net = _source_model(spec, model, what)
     inputs = tuple(
         torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec["inputs"]

@@ -209,6 +209,40 @@ KINDS = {
 }
 
 
+# A gated or cut Hugging Face model (`hf.saving`): its class and config, and each layer's
+# graph, checked node by node when it is rebuilt (`fx.graph_json`).
+NAMES = list_of(string, 1_000)
+LAYER = struct({
+    "class": string,
+    "call": struct({"positional": NAMES, "names": NAMES, "inputs": NAMES,
+                    "concrete": mapping(any_json, 1_000)}),
+    "attributes": mapping(any_json, 1_000),
+    "graph": any_json,
+    "gates": mapping(struct({"name": string, "channels": integer(1, 2**20),
+                             "feature_dim": nullable(integer(0, 8)), "out_ndim": integer(1, 8)})),
+    "dropouts": mapping(number(0, 1)),
+    "constants": mapping(struct({"shape": list_of(integer(0, 2**20), 8),
+                                 "dtype": one_of(*INPUT_DTYPES)})),
+})  # fmt: skip
+_TRANSFORMER = {
+    **_COMMON,
+    "source": one_of(None),
+    "inputs": mapping(INPUT, MAX_INPUTS),
+    "config": struct({}, CONFIG_FIELDS),
+    "leaf_modules": list_of(string, 0),
+    "transformers": struct(
+        {"class": string, "config": any_json, "version": string, "layers": NAMES}
+    ),
+    "layers": mapping(LAYER, 10_000),
+    "removed_layers": NAMES,
+    "rejected": list_of(struct({"node": string, "module": string, "reason": string}), 10_000),
+}
+TRANSFORMER_KINDS = {
+    "gated": struct(_TRANSFORMER, {"fixed": mapping(decision)}),
+    "slim": struct({**_TRANSFORMER, "decisions": mapping(decision)}),
+}
+
+
 def validate_spec(spec: Any, what: str) -> dict[str, Any]:
     """`spec` itself if it is a valid spec; otherwise a ModelFileError naming the field."""
     if not isinstance(spec, dict):
@@ -226,8 +260,9 @@ def validate_spec(spec: Any, what: str) -> dict[str, Any]:
     try:
         if "kind" not in spec:
             raise _Invalid("kind", f"is missing (one of {list(KINDS)})")
-        _COMMON["kind"](spec["kind"], "kind")
-        KINDS[spec["kind"]](spec, "")
+        kinds = TRANSFORMER_KINDS if "transformers" in spec else KINDS
+        one_of(*kinds)(spec["kind"], "kind")
+        kinds[spec["kind"]](spec, "")
     except _Invalid as e:
         raise ModelFileError(f"{what} has an invalid model spec: {e}") from None
     return spec

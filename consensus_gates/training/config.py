@@ -26,9 +26,11 @@ class TrainConfig:
 
     Attributes:
         epochs: how many epochs to train (a resumed run trains up to this many in all).
-        lr: SGD's initial learning rate.
+        optimizer: ``"sgd"``, the paper's (SGD with `momentum`), or ``"adamw"`` (AdamW with
+            its default betas), the usual choice for fine-tuning a transformer.
+        lr: the optimizer's initial learning rate.
         momentum: SGD's momentum.
-        weight_decay: SGD's weight decay (an L2 penalty on every parameter, gates too).
+        weight_decay: the optimizer's weight decay (an L2 penalty on every parameter, gates too).
         milestones: epochs at which the learning rate is multiplied by `lr_gamma`; None: at
             1/2 and 3/4 of the epochs.
         lr_gamma: the factor the learning rate is multiplied by at each milestone.
@@ -84,6 +86,7 @@ class TrainConfig:
     """
 
     epochs: int = 10
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -120,6 +123,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.settle_steps < 1:
             raise ValueError(f"settle_steps must be >= 1, got {self.settle_steps}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.polar_schedule not in SCHEDULES:
             raise ValueError(
                 f"polar_schedule must be one of {SCHEDULES}, got {self.polar_schedule!r}"

@@ -28,7 +28,8 @@ class RunState:
     Attributes:
         model: the model being trained (never a DistributedDataParallel wrapper).
         config: the recipe; saved (as JSON, ``train_config``) for `check_resume` to compare.
-        optimizer, scheduler: SGD and its multi-step learning rate.
+        optimizer, scheduler: SGD or AdamW (`TrainConfig.optimizer`) and its multi-step
+            learning rate.
         controller: the `SparsityController` that sets λ_act with a ``config.target``, else
             None.
         lambda_act: λ_act now: the controller's last value, or ``config.lambda_act``.
@@ -49,7 +50,7 @@ class RunState:
 
     model: nn.Module
     config: TrainConfig
-    optimizer: torch.optim.SGD
+    optimizer: torch.optim.Optimizer
     scheduler: MultiStepLR
     controller: SparsityController | None
     lambda_act: float
@@ -72,7 +73,7 @@ class RunState:
         """The state before the first step: a fresh optimizer, scheduler and controller (a
         ``config.target`` needs `model` to be a `GatedModel`). `loader` is the training
         loader: its length sizes the controller's setpoint ramp, and its generator is kept."""
-        optimizer = _sgd(model, config, config.lr)
+        optimizer = _optimizer(model, config, config.lr)
         scheduler = MultiStepLR(optimizer, config.lr_milestones(), config.lr_gamma)
         controller = None
         if config.target is not None:
@@ -125,7 +126,7 @@ class RunState:
         the current learning rate, and a scheduler that continues the old one's milestones;
         the momentum buffers belonged to the old parameters and are lost."""
         old, old_scheduler = self.optimizer, self.scheduler
-        self.optimizer = _sgd(self.model, self.config, old.param_groups[0]["lr"])
+        self.optimizer = _optimizer(self.model, self.config, old.param_groups[0]["lr"])
         self.scheduler = MultiStepLR(
             self.optimizer, self.config.lr_milestones(), self.config.lr_gamma
         )
@@ -135,7 +136,9 @@ class RunState:
             new["lr"], new["initial_lr"] = before["lr"], before["initial_lr"]
 
 
-def _sgd(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.SGD:
+def _optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(
         model.parameters(), lr, momentum=config.momentum, weight_decay=config.weight_decay
     )

@@ -30,17 +30,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .._utils import atomic_path, unwrap
 from ..budget import project_to_budget
 from ..consensus import consensus
-from ..cost import flops, flops_ratio
+from ..cost import flops_ratio, total_cost
 from ..errors import TrainingDiverged
 from ..fx.cut import replay_cuts
-from ..fx.graph_module import GatedModel
+from ..fx.graph_module import Gated
+from ..hf import is_transformer
 from ..losses import gate_losses
 from ..saving.files import model_spec
 from ..saving.spec import parse_spec
@@ -56,6 +57,46 @@ def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
+) -> float:
+    """The mean of a Hugging Face model's own loss over a loader of dict batches (with
+    ``labels``), in eval mode, weighting each batch by its rows; exp of it is the
+    perplexity of a language model."""
+    was_training = model.training
+    model.eval()
+    total = rows = 0.0
+    try:
+        for batch in loader:
+            loss, _, n = _task(model, batch, device)
+            total, rows = total + loss.item() * n, rows + n
+    finally:
+        model.train(was_training)
+    return total / max(rows, 1)
+
+
+def _task(net: nn.Module, batch: Any, device: torch.device | str) -> tuple[Tensor, Tensor, int]:
+    """A batch's task loss, correct predictions and size: cross-entropy over class labels
+    for ``(inputs, labels)``; a Hugging Face model's own loss for a dict of its inputs
+    (correct predictions are not counted)."""
+    if isinstance(batch, Mapping):
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
+                 for k, v in batch.items()}  # fmt: skip
+        loss = getattr(net(**batch), "loss", None)
+        if loss is None:
+            raise ValueError(
+                f"the model computed no loss from a batch of {sorted(batch)}; dict batches "
+                "must hold what the model's own loss needs, such as labels"
+            )
+        rows = next(v for v in batch.values() if isinstance(v, Tensor)).shape[0]
+        return loss, loss.new_zeros(()), rows
+    x, y = batch
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    logits = net(x)
+    return F.cross_entropy(logits, y), (logits.argmax(1) == y).sum(), len(y)
 
 
 @torch.no_grad()
@@ -143,7 +184,7 @@ class _Run:
     """What one `train` call works with beside its `RunState`: set up once, never saved."""
 
     model: nn.Module
-    gated: GatedModel | None  # `model`, if it has gates
+    gated: Gated | None  # `model`, if it has gates
     config: TrainConfig
     device: torch.device
     out: Path | None
@@ -152,7 +193,8 @@ class _Run:
     net: nn.Module  # what is called: `model`, in DistributedDataParallel under torchrun
     log: Callable[[str], None]
     forward_flops: int | None = None  # the training model's, per sample (`_forward_flops`)
-    example: torch.Tensor | None = None  # an input to measure it with
+    example: Any = None  # an input to measure it with: a tensor, or a dict batch's row
+    dict_batches: bool = False  # batches are dicts of a Hugging Face model's inputs
 
 
 @dataclass(eq=False)
@@ -184,7 +226,7 @@ def _set_up(
     """Check the request, claim the output folder (before the first epoch, not after it),
     move the model to its device and wrap it for DDP."""
     model = unwrap(model)
-    gated = model if isinstance(model, GatedModel) else None
+    gated = model if isinstance(model, Gated) else None
     if gated is None and config.target is not None:
         raise ValueError(
             f"config.target={config.target} needs gates to reach it; a plain "
@@ -194,6 +236,12 @@ def _set_up(
         raise ValueError(
             f"config.progressive cuts settled gates out; a plain {type(model).__name__} has "
             "none (call insert_gates first, or set progressive=False)"
+        )
+    if config.progressive and is_transformer(model):
+        raise ValueError(
+            "config.progressive cuts gates out of a traced graph while training; a Hugging "
+            "Face model's graphs are per layer, which it does not support yet: train with "
+            "progressive=False, then materialize()"
         )
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
@@ -248,10 +296,9 @@ def _train_epoch(run: _Run, state: RunState, loader: DataLoader, epoch: int) -> 
         loader, desc=f"epoch {epoch + 1}/{run.config.epochs}", leave=False,
         disable=not run.config.progress or run.rank != 0, file=sys.stderr,
     )  # fmt: skip
-    for x, y in bar:
-        values = _train_step(run, state, stats, x, y)
-        stats.sums[:5] += values
-        stats.sums[5] += len(y)
+    for batch in bar:
+        values = _train_step(run, state, stats, batch)
+        stats.sums += values
         stats.steps += 1
         if stats.steps % 20 == 0:
             bar.set_postfix(loss=f"{values[0].item():.3f}", polar=f"{values[2].item():.3f}")
@@ -260,14 +307,14 @@ def _train_epoch(run: _Run, state: RunState, loader: DataLoader, epoch: int) -> 
     return stats
 
 
-def _train_step(run: _Run, state: RunState, stats: _Epoch, x, y) -> torch.Tensor:
+def _train_step(run: _Run, state: RunState, stats: _Epoch, batch: Any) -> torch.Tensor:
     """One SGD step on a batch (and one controller step); return its loss, task, polar and
-    act losses and correct predictions, as float64 on the CPU: one device sync per step."""
-    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    act losses, correct predictions and size, as float64 on the CPU: one device sync per
+    step."""
     if _projection_due(run, state, stats):
         _project(run, state, stats)
-    logits = run.net(x)
-    task = F.cross_entropy(logits, y)
+    run.dict_batches = isinstance(batch, Mapping)
+    task, correct, rows = _task(run.net, batch, run.device)
     if run.gated is not None:
         polar, act, r_polar = gate_losses(
             run.gated, weight=run.config.act_weight, channels=run.config.channel_polarizer
@@ -275,8 +322,9 @@ def _train_step(run: _Run, state: RunState, stats: _Epoch, x, y) -> torch.Tensor
     else:
         polar = act = r_polar = torch.zeros((), device=run.device)
     loss = task + stats.lambda_polar * polar + state.lambda_act * act
-    correct = (logits.argmax(1) == y).sum().to(loss.dtype)
-    values = torch.stack([loss, task, r_polar, act, correct]).detach().double().cpu()
+    size = loss.new_tensor(rows)
+    values = torch.stack([loss, task, r_polar, act, correct.to(loss.dtype), size])
+    values = values.detach().double().cpu()
     _check_finite(run, state, stats, values)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -287,18 +335,23 @@ def _train_step(run: _Run, state: RunState, stats: _Epoch, x, y) -> torch.Tensor
     if state.tracker is not None and stats.lambda_polar > 0:
         settled = state.tracker.update(run.gated, run.world)
     # this step's size, before any cut; measuring runs the model, so after the gates are read
-    state.train_flops += 3 * _forward_flops(run, x) * len(y) * run.world
+    state.train_flops += 3 * _forward_flops(run, batch) * rows * run.world
     if settled:
         _cut(run, state, stats, settled)
     return values
 
 
-def _forward_flops(run: _Run, x: torch.Tensor) -> int:
-    """The training model's forward FLOPs per sample (gates included), measured once and
-    again after each cut."""
+def _forward_flops(run: _Run, batch: Any = None) -> int:
+    """The training model's forward FLOPs per sample (gates included, for a dict batch per
+    row of all its tokens), measured once on the first row of `batch` and again after each
+    cut."""
     if run.forward_flops is None:
-        run.example = x[:1]
-        run.forward_flops = flops(run.model, run.example).flops
+        if isinstance(batch, Mapping):
+            run.example = {k: v[:1].to(run.device) for k, v in batch.items()
+                           if isinstance(v, Tensor) and k != "labels"}  # fmt: skip
+        elif batch is not None:
+            run.example = batch[0][:1].to(run.device)
+        run.forward_flops = total_cost(run.model, run.example).flops
     return run.forward_flops
 
 
@@ -425,12 +478,17 @@ def _record(
             open_ratio=c.open_ratio,
             flops_ratio=flops_ratio(run.gated, c),
         )
-    record["train_acc"] = sums[4].item() / max(sums[5].item(), 1)
     evaluated = test_loader is not None and run.rank == 0
-    record["test_acc"] = evaluate(run.model, test_loader, run.device) if evaluated else None
+    if run.dict_batches:  # a model's own loss: no accuracy, a test loss
+        record["train_acc"], record["test_acc"] = None, None
+        loss = evaluate_loss(run.model, test_loader, run.device) if evaluated else None
+        record["test_loss"] = loss
+    else:
+        record["train_acc"] = sums[4].item() / max(sums[5].item(), 1)
+        record["test_acc"] = evaluate(run.model, test_loader, run.device) if evaluated else None
     record["seconds"] = round(time.time() - stats.began, 2)
     record["train_seconds"] = round(stats.train_seconds, 2)
-    record["model_flops"] = _forward_flops(run, run.example) if run.example is not None else None
+    record["model_flops"] = _forward_flops(run) if run.example is not None else None
     record["model_params"] = sum(p.numel() for p in run.model.parameters())
     record["train_flops"] = state.train_flops
     record["cut"] = list(stats.cut) if run.config.progressive else None
@@ -457,6 +515,9 @@ def _wrap(model: nn.Module, device: torch.device, world: int) -> nn.Module:
 
 def _summary(r: dict[str, Any], epochs: int) -> str:
     loss, test = r["loss"], f"{r['test_acc']:.4f}" if r["test_acc"] is not None else "-"
+    train = f"{r['train_acc']:.4f}" if r["train_acc"] is not None else "-"
+    if r.get("test_loss") is not None:
+        test = f"loss {r['test_loss']:.3f}"
     regularizers = size = ""
     if r["open_rate"] is not None:  # a gated model
         regularizers = (
@@ -466,7 +527,7 @@ def _summary(r: dict[str, Any], epochs: int) -> str:
         size = f"open {r['open_ratio']:.3f}  FLOPs {r['flops_ratio']:.3f}  "
     return (
         f"epoch {r['epoch']}/{epochs}  loss {loss['total']:.3f} (task {loss['task']:.3f})  "
-        f"{regularizers}train {r['train_acc']:.4f}  test {test}  {size}({r['seconds']:.0f}s)"
+        f"{regularizers}train {train}  test {test}  {size}({r['seconds']:.0f}s)"
     )
 
 
@@ -476,6 +537,6 @@ def _write_outputs(out: Path, state: RunState) -> None:
     save_checkpoint(out / CHECKPOINT, state.model, **state.state_dict())
     with atomic_path(out / METRICS) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in state.records))
-    if isinstance(state.model, GatedModel):
+    if isinstance(state.model, Gated):
         plot_gates(state.records, out / "gates.png")
     plot_curves(state.records, out / "curves.png")

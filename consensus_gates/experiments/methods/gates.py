@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ...consensus import consensus
 from ...fx.insert import insert_gates
-from ...fx.surgery import materialize
+from ...slimming import materialize
 from ._registry import MethodResult, RunContext, register_method
 from ._training import fit
 
