@@ -11,9 +11,11 @@ from a config and trained here from scratch:
 3. cut the consensus out (`materialize`): closed branches go, and a layer with both closed
    goes entirely, its KV cache entry with it;
 4. compare dense and cut: perplexity, FLOPs per token, parameters, and greedy `generate()`
-   tokens per second, timed in alternation in this process.
+   tokens per second, timed in alternation in this process. The dense model's perplexity
+   is also given after the same fine-tune without gates ("dense, same steps"), the fair
+   comparison: the cut model trained that much longer than the pretrained one.
 
-    python examples/llm_depth_pruning.py                  # about 10 minutes on 2 CPU cores
+    python examples/llm_depth_pruning.py                  # about 17 minutes on 2 CPU cores
     python examples/llm_depth_pruning.py --quick          # a smoke run, under a minute
     python examples/llm_depth_pruning.py --target 0.5 --out runs/llm
 
@@ -24,12 +26,14 @@ OUT/results.json, and refuses an OUT that holds them unless --overwrite.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
 import sys
 import sysconfig
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -103,15 +107,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="a tiny smoke run")
     p.add_argument("--target", type=float, default=0.6, help="FLOPs kept, of the dense model")
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--corpus", type=int, default=1_200_000, help="bytes of source to use")
+    p.add_argument("--pretrain-epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2, help="of the gated fine-tune")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
     args = p.parse_args(argv)
     out = Path(args.out)
     if any((out / f).exists() for f in OUTPUTS) and not args.overwrite:
         sys.exit(f"{out} holds a run; pass --overwrite to replace it, or --out elsewhere")
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     q = args.quick
     seq, batch = (64, 8) if q else (128, 16)
-    train, val = loaders(stdlib_bytes(200_000 if q else 3_000_000), seq, batch, args.seed)
+    train, val = loaders(stdlib_bytes(100_000 if q else args.corpus), seq, batch, args.seed)
     config = LlamaConfig(
         vocab_size=256, hidden_size=64 if q else 128, intermediate_size=160 if q else 352,
         num_hidden_layers=4 if q else args.layers, num_attention_heads=4,
@@ -127,12 +137,17 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
 
     print(f"corpus: {len(train.dataset) * seq:,} training bytes of the standard library")
-    cg.train(dense, train, val, recipe(1 if q else 3, 3e-3, lambda_polar=0.0, lambda_act=0.0))
+    pretrain = recipe(1 if q else args.pretrain_epochs, 3e-3, lambda_polar=0.0, lambda_act=0.0)
+    cg.train(dense, train, val, pretrain)
     example = next(iter(val))
+    control = copy.deepcopy(dense)  # fine-tuned as long as the gated model, without gates
     gated = cg.insert_gates(dense, {"input_ids": example["input_ids"]})
     print(f"{len(gated.gates)} gates: {', '.join(list(gated.gates)[:4])}, ...")
-    cg.train(gated, train, val, recipe(1 if q else 3, 1e-3, lambda_polar=0.5, target=args.target,
-                                       polar_schedule="constant"))  # fmt: skip
+    fine_tune = recipe(1 if q else args.epochs, 1e-3, lambda_polar=0.5, target=args.target,
+                       polar_schedule="constant")  # fmt: skip
+    cg.train(gated, train, val, fine_tune)
+    print("the same fine-tune without gates:")
+    cg.train(control, train, val, replace(fine_tune, lambda_polar=0.0, lambda_act=0.0, target=None))
     decisions = cg.consensus(gated)
     slim = cg.materialize(gated, decisions).eval()
     dense.eval()
@@ -140,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     x = {"input_ids": example["input_ids"][:1]}
     ppl = {name: math.exp(cg.evaluate_loss(m, val)) for name, m in
-           (("dense", dense), ("gated", gated), ("slim", slim))}  # fmt: skip
+           (("dense", dense), ("dense, same steps", control), ("gated", gated),
+            ("slim", slim))}  # fmt: skip
     cost = {name: cg.flops(m, x) for name, m in (("dense", dense), ("slim", slim))}
     prompt = example["input_ids"][:1, :16]
     speed = generation_speed(dense, slim, prompt, new=16 if q else 96, rounds=2 if q else 5)
@@ -163,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{label:<26}{a:>12.3f}{b:>12.3f}{b / a:>11.3f}")
     closed = ", ".join(results["closed"]) or "none"
     print(f"layers {results['layers'][0]} -> {results['layers'][1]}; closed: {closed}; "
-          f"gated perplexity {ppl['gated']:.3f}")  # fmt: skip
+          f"gated perplexity {ppl['gated']:.3f}; dense after the same fine-tune without "
+          f"gates: {ppl['dense, same steps']:.3f}")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     dense.save_pretrained(out / "dense")
     cg.save(slim, out / "slim.safetensors")

@@ -102,9 +102,10 @@ def test_slim_speed_benchmark_quick_mode_writes_its_sections(tmp_path):
     assert all(0.4 < float(p1[k][1]) < 0.7 for k in list(p1)[1:])  # FLOPs ratios
     (p2,) = rows("P2 cpu")[1:]  # slim and hand-built: the same parameter count, asserted
     assert p2[0] == "50% blocks closed" and p2[1] == "1/2/2"
-    assert len(p2) == 2 + 5 and all(re.fullmatch(r"\d\.\d{3} \(\d+\.\d\)", c) for c in p2[2:])
+    assert len(p2) == 2 + 5 and all(re.fullmatch(r"\d+\.\d{3} \(\d+\.\d\)", c) for c in p2[2:])
     (p2m,) = rows("P2 module cpu")[1:]
-    assert p2m[:2] == ["50% blocks closed", "1/2/2"] and 0 < float(p2m[4]) < 10
+    # a smoke test: under a loaded machine tiny timings stray far (55x was seen)
+    assert p2m[:2] == ["50% blocks closed", "1/2/2"] and float(p2m[4]) > 0
     forms = {r[0]: r[1:] for r in rows("P1 forms cpu resnet20")}  # module, kept, .pt2, kept, .onnx
     assert list(forms) == [*p1, "original, ms"]
     assert forms["original"] == ["1.000"] + ["1.000"] * 5

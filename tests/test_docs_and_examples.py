@@ -27,31 +27,29 @@ def test_ci_runs_the_readme_test_command():
     assert any(line.strip() == test_cmd for line in ci.splitlines())
 
 
-@pytest.mark.slow
-def test_readme_python_example_runs(tmp_path, monkeypatch):
-    """The resnet50 snippet: gate, 3 training steps, consensus, slim, save, export."""
-    (code,) = [c for c in _python_blocks() if "resnet50" in c]
+def _run_readme_block(marker: str, tmp_path, monkeypatch) -> dict:
+    """Run README's python block that mentions `marker` in `tmp_path`; its namespace."""
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", README, re.S) if marker in c]
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The resnet50 snippet: gate, 3 training steps, consensus, slim, save, export."""
+    namespace = _run_readme_block("resnet50", tmp_path, monkeypatch)
     cg, gated, slim = namespace["cg"], namespace["gated"], namespace["slim"]
     assert len(gated.gates) == 16
     assert not any(isinstance(m, cg.LayerGate) for m in slim.modules())
     assert (tmp_path / "slim.safetensors").is_file() and (tmp_path / "slim.pt2").is_file()
 
 
-def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README, re.S)
-
-
 def test_readme_transformers_example_runs(tmp_path, monkeypatch):
     """The Llama snippet: gate, train with its own loss and a target, cut, generate, save."""
-    (code,) = [c for c in _python_blocks() if "LlamaForCausalLM" in c]
-    monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    namespace = _run_readme_block("LlamaForCausalLM", tmp_path, monkeypatch)
     cg, model, slim = namespace["cg"], namespace["model"], namespace["slim"]
     assert type(slim).__name__ == "SlimLlamaForCausalLM"
     ids = namespace["ids"][:1]
@@ -169,3 +167,24 @@ def test_architecture_page_examples_run(registries):
         exec(compile(code, "docs/architecture.md", "exec"), namespace)
     assert "my-method" in METHODS
     assert cg.GateConfig(head="sigmoid_ste", position="first").position == "first"
+
+
+@pytest.mark.slow
+def test_llm_depth_pruning_example_quick(tmp_path):
+    """The transformer example, small: pretrain, gate, fine-tune to a target, cut, compare."""
+    out = tmp_path / "llm"
+    # one thread: the other test worker shares the two cores, and OpenMP threads that
+    # compete for them slow training down tenfold
+    cmd = [sys.executable, str(ROOT / "examples" / "llm_depth_pruning.py"), "--quick",
+           "--threads", "1", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    ppl = results["perplexity"]
+    assert ppl["gated"] == ppl["slim"]  # the cut is exact
+    flops, params = results["flops_per_token"], results["params"]
+    assert flops[1] < flops[0] and params[1] < params[0]
+    assert abs(flops[1] / flops[0] - results["target"]) < 0.1
+    assert (out / "dense" / "config.json").is_file() and (out / "slim.safetensors").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "--overwrite" in again.stderr

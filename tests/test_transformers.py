@@ -242,11 +242,25 @@ def test_train_with_dict_batches_and_the_models_own_loss(tmp_path):
     batches = [{**x, "labels": x["input_ids"]}] * 3
     config = cg.TrainConfig(epochs=1, lr=0.05, milestones=(), lambda_polar=1.0, progress=False,
                             target=0.7)  # fmt: skip
-    records = cg.train(gated, batches, batches, config, log=lambda _: None)
+    run = tmp_path / "run"
+    records = cg.train(gated, batches, batches, config, out_dir=run, log=lambda _: None)
     (record,) = records
     assert record["test_acc"] is None and record["test_loss"] > 0
     assert 0 < record["flops_ratio"] <= 1
     assert any(not torch.equal(before[n], g.fc2.weight) for n, g in gated.gates.items())
+    assert (run / "gates.png").is_file()
+    from click.testing import CliRunner
+
+    from consensus_gates.cli import main
+
+    result = CliRunner().invoke(main, ["slim", str(run / "checkpoint.pt"), "--json"])
+    assert result.exit_code == 0, result.output
+    slim = cg.load(run / "slim" / "slim.safetensors")
+    decisions = cg.consensus(gated).decisions
+    x = inputs("llama", batch=2, length=8, pad=False)
+    cg.fix_decisions(gated, decisions)
+    with torch.no_grad():
+        assert torch.equal(output(slim, x), output(gated.eval(), x))
 
 
 def test_a_call_the_layer_was_not_traced_for_is_refused():
@@ -359,3 +373,26 @@ def test_cli_inspect_and_slim_take_transformer_files(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out" / "slim.safetensors")])
     assert result.exit_code == 0, result.output
     assert "MFLOPs per token" in result.output and "kept:" in result.output
+
+
+def test_cli_bench_times_a_pretrained_folder_against_a_cut_file(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from consensus_gates.cli import main
+
+    model, gated = gated_model("llama")
+    model.save_pretrained(tmp_path / "dense")
+    slim = cg.materialize(gated, random_decisions(gated))
+    cg.save(slim, tmp_path / "slim.safetensors")
+    args = ["bench", str(tmp_path / "dense"), str(tmp_path / "slim.safetensors"), "--batch",
+            "2", "--rounds", "1", "--runs", "2", "--warmup", "1", "--threads", "1", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["input_shape"] == [7]  # the length the cut file was traced at
+    dense, cut = report["results"]
+    x = {"input_ids": torch.randint(0, 100, (1, 7))}
+    assert dense["flops"] == cg.flops(model, x).flops and cut["flops"] == cg.flops(slim, x).flops
+    assert cut["ratio"]["params"] == pytest.approx(cut["params"] / dense["params"])

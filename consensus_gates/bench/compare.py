@@ -21,11 +21,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..cost import flops
-from .measure import BenchConfig, Measurement, measure
+from ..hf import token_vocabulary
+from .measure import BenchConfig, Measurement, measure, random_batches
 
 
 def load_for_bench(
@@ -36,7 +36,8 @@ def load_for_bench(
     """A model to time: a ``.pt2`` file (torch.export; refused if it holds pickles or code,
     see `consensus_gates.saving.pt2`), an ``.onnx`` file (run by onnxruntime on
     `config`'s device and threads, `OnnxRuntimeModel`), a ``.safetensors`` file written by
-    `consensus_gates.save`, or a zoo / torchvision name (`create_model`)."""
+    `consensus_gates.save`, a Hugging Face model folder (``save_pretrained``, safetensors
+    weights), or a zoo / torchvision name (`create_model`)."""
     path = Path(ref)
     if path.suffix == ".pt2":
         from ..saving.pt2 import load_program
@@ -47,6 +48,10 @@ def load_for_bench(
 
         config = config or BenchConfig()
         return OnnxRuntimeModel(path, config.device, config.threads)
+    if path.is_dir() and (path / "config.json").is_file():
+        from ..hf import load_pretrained_folder
+
+        return load_pretrained_folder(path)
     if path.suffix == ".safetensors" or path.is_file():
         from ..saving.files import load
 
@@ -161,7 +166,9 @@ def _worker_main(job: dict[str, Any]) -> None:
     shape = job["input_shape"]
     m = measure(model, shape, job["batch"], config, name=job["name"])
     if job["count_flops"] and not job["ref"].endswith(".onnx"):  # fvcore traces torch code
-        cost = flops(model.float().cpu(), torch.randn(1, *shape))
+        model = model.float().cpu()
+        (x,) = random_batches(shape, 1, BenchConfig(buffers=1), token_vocabulary(model))
+        cost = flops(model, x)
         m = replace(m, flops=cost.flops, params=cost.params)
     print(json.dumps(m.to_dict()))
 

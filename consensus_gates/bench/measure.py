@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import set_training
+from ..hf import token_vocabulary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -211,11 +212,18 @@ def _aot_compiled(model: nn.Module, x: Tensor) -> tuple[Callable[[Tensor], Any],
     return compiled, time.perf_counter() - t0
 
 
-def _random_batches(input_shape: Sequence[int], batch: int, config: BenchConfig) -> list[Tensor]:
-    """`config.buffers` random batches, the same for every model (seed 0), on the device."""
+def random_batches(
+    input_shape: Sequence[int], batch: int, config: BenchConfig, vocabulary: int | None = None
+) -> list[Tensor]:
+    """`config.buffers` random batches, the same for every model (seed 0), on the device:
+    token ids of that many tokens for a language model (`vocabulary`), else floats."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    if vocabulary is not None:
+        shape = (batch, *input_shape)
+        return [torch.randint(0, vocabulary, shape, generator=gen).to(config.device)
+                for _ in range(config.buffers)]  # fmt: skip
     image = config.channels_last and len(input_shape) == 3
     fmt = torch.channels_last if image else torch.contiguous_format
-    gen = torch.Generator(device="cpu").manual_seed(0)
     return [
         torch.randn(batch, *input_shape, generator=gen)
         .to(device=torch.device(config.device), dtype=DTYPES[config.dtype])
@@ -270,7 +278,8 @@ def measure(
     *,
     name: str = "model",
 ) -> Measurement:
-    """Time `model` on random batches of shape ``(batch, *input_shape)`` in this process.
+    """Time `model` on random batches of shape ``(batch, *input_shape)`` in this process
+    (for a Hugging Face language model, token ids: `input_shape` is the sequence length).
 
     Call it in a fresh process for comparisons (see `compare`): what ran before changes
     the timings. On CPU the peak memory is the peak resident memory during the runs over
@@ -279,8 +288,9 @@ def measure(
     config = config or BenchConfig()
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    vocabulary = token_vocabulary(model)
     model = _prepare(model, config)
-    inputs = _random_batches(input_shape, batch, config)
+    inputs = random_batches(input_shape, batch, config, vocabulary)
     extra = {}
     if config.aot:
         model, extra["aot_compile_s"] = _aot_compiled(model, inputs[0])

@@ -10,8 +10,9 @@ from pathlib import Path
 import click
 import torch
 
-from ..bench.compare import compare, ratios
+from ..bench.compare import compare, load_for_bench, ratios
 from ..bench.measure import BenchConfig
+from ..hf import saved_input_shape
 from ..saving.aot_package import require_compiler
 from ..saving.files import load, read_spec, save
 from ..saving.onnx_files import check_onnx, example_shapes
@@ -19,6 +20,8 @@ from ..saving.pt2 import load_program
 from ..slimming import materialize
 from .app import main, model_arg_option, parse_model_args, parse_shape
 from .slim import load_gated
+
+TOKENS = 128  # the sequence length a Hugging Face folder is timed at, by default
 
 
 def _batches(text: str) -> list[int]:
@@ -34,13 +37,14 @@ def _batches(text: str) -> list[int]:
 
 def _expand(models: tuple[str, ...], tmp: Path) -> tuple[dict[str, str], tuple[int, ...] | None]:
     """Label → what a worker loads; a gated checkpoint is timed gated and slim. Also the
-    input shape a saved file records."""
-    refs, shape = {}, None
+    input shape a saved file records (a Hugging Face folder: its image size, or `TOKENS`
+    tokens, unless a file beside it records one)."""
+    refs, shape, folder_shape = {}, None, None
     for ref in models:
         path = Path(ref)
         if path.suffix == ".pt":  # a trainer checkpoint: the gated model and its slim cut
             gated = load_gated(path).eval()
-            shape = shape or tuple(gated.spec["inputs"][0]["shape"][1:])
+            shape = shape or saved_input_shape(gated.spec["inputs"])
             for kind, model in (("gated", gated), ("slim", materialize(gated))):
                 refs[f"{path.stem} ({kind})"] = str(tmp / f"{len(refs)}-{kind}.safetensors")
                 save(model, refs[f"{path.stem} ({kind})"])
@@ -51,14 +55,20 @@ def _expand(models: tuple[str, ...], tmp: Path) -> tuple[dict[str, str], tuple[i
             saved = example_shapes(check_onnx(path))  # refused here if not self-contained ONNX
             shape = shape or (tuple(saved[0][1:]) if saved else None)
             refs[path.name] = ref
+        elif path.is_dir() and (path / "config.json").is_file():  # a save_pretrained folder
+            model = load_for_bench(path)
+            vision = model.main_input_name == "pixel_values"
+            folder_shape = (3, model.config.image_size, model.config.image_size) if vision else (
+                (TOKENS,)
+            )
+            refs[path.name] = ref
         elif path.suffix == ".safetensors" or path.is_file():
             load(path)  # as the workers will, so that a malformed file fails here
-            inputs = read_spec(path).get("inputs")
-            shape = shape or (tuple(inputs[0]["shape"][1:]) if inputs else None)
+            shape = shape or saved_input_shape(read_spec(path).get("inputs"))
             refs[path.name] = ref
         else:
             refs[ref] = ref
-    return refs, shape
+    return refs, shape or folder_shape
 
 
 @main.command("bench")
@@ -87,8 +97,8 @@ def bench_command(models: tuple[str, ...], batch_text: str, device: str, dtype: 
                   as_json: bool, model_args: tuple[str, ...]) -> None:  # fmt: skip
     """Time MODELS, each in its own process, alternating; the first is the baseline.
 
-    A model is a slim or plain .safetensors file, a .pt2, an .onnx (run by onnxruntime), a
-    trainer checkpoint.pt (timed both gated and slim) or a zoo / torchvision name. An
+    A model is a .safetensors file, a .pt2, an .onnx (run by onnxruntime), a checkpoint.pt
+    (timed gated and slim), a save_pretrained folder or a zoo / torchvision name. An
     AOTInductor package (.aoti.pt2) holds native code and is not loaded: give the .pt2 it
     was compiled from with --aot, which compiles it in each timing process.
 

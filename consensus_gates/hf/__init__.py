@@ -70,6 +70,52 @@ def per_token_divisor(model: nn.Module, example_inputs: Any) -> int:
     return ids.numel() if isinstance(ids, Tensor) and ids.numel() else 1
 
 
+def token_vocabulary(model: nn.Module) -> int | None:
+    """The vocabulary size of a Hugging Face model that reads token ids, else None."""
+    if not is_transformer(model) or model.main_input_name != "input_ids":
+        return None
+    return model.config.get_text_config().vocab_size
+
+
+def saved_input_shape(inputs: Any) -> tuple[int, ...] | None:
+    """One sample's shape of the main input a spec records: the first of a list, or a
+    transformer's ``input_ids`` (its length) or ``pixel_values``."""
+    if isinstance(inputs, Mapping):
+        main = inputs.get("input_ids") or inputs.get("pixel_values") or next(iter(inputs.values()))
+        return tuple(main["shape"][1:])
+    return tuple(inputs[0]["shape"][1:]) if inputs else None
+
+
+def load_pretrained_folder(path: Any) -> nn.Module:
+    """A model folder written by ``save_pretrained``, loaded as data: its class must be one
+    of transformers' own (no remote code), its weights safetensors (no pickle), and nothing
+    is downloaded."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    from ..errors import ModelFileError
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    names = config.get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names and str(names[0]).isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelFileError(
+            f"{path}/config.json names the architecture {names[:1]}, which is not a model "
+            f"class of transformers {transformers.__version__}"
+        )
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # no bar between a command's lines
+    try:
+        return cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except OSError as e:
+        raise ModelFileError(f"{path} holds no safetensors weights for {cls.__name__}: {e}") from e
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
 def main_output(model: nn.Module, inputs: Any) -> Tensor:
     """`model`'s main output on `inputs`: a Hugging Face model's logits (or last hidden
     state) for a dict of inputs, else ``model(*inputs)``."""

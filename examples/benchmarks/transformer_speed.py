@@ -40,7 +40,6 @@ COMMAND = "python examples/benchmarks/transformer_speed.py"
 PATTERNS = {
     "attention of the last half of the layers": ("attn", 0.5),
     "MLP of the last half of the layers": ("mlp", 0.5),
-    "the last quarter of the layers (both branches)": ("both", 0.25),
     "the last half of the layers (both branches)": ("both", 0.5),
 }
 
@@ -194,10 +193,10 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     q = args.quick
-    settings = {"batch": 2 if q else 4, "length": 32 if q else 128, "prompt": 8 if q else 16,
-                "new": 4 if q else 32, "warmup": 1 if q else 2, "runs": 2 if q else 5,
+    settings = {"batch": 2, "length": 32 if q else 128, "prompt": 8 if q else 16,
+                "new": 4 if q else 32, "warmup": 1, "runs": 2 if q else 3,
                 "threads": args.threads}  # fmt: skip
-    processes = 2 if q else 4
+    processes = 2 if q else 3
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, config in configs(q).items():
