@@ -25,7 +25,7 @@ from ..gates.modules import Gate, LayerGate
 from .gating import GatedTransformer, set_module, traced_layers, transformer_class
 from .layer import CALL_KEY, TracedLayer, traced_layer
 from .surgery import SlimTransformer, drop_layers
-from .tracing import LayerCall, layer_signature
+from .tracing import LayerCall, signature_defaults
 
 DROPOUT_PREFIX = "cg_dropout_"
 
@@ -150,13 +150,10 @@ def _rebuild_layer(
                 root[node.target].to(device=ref.device, dtype=ref.dtype)
     gm = fx.GraphModule(root, graph, class_name=record["class"])
     call = record["call"]
-    defaults = {
-        p.name: p.default
-        for p in layer_signature(fresh).parameters.values()
-        if p.default is not p.empty
-    }
     concrete = {k: tuple(v) if isinstance(v, list) else v for k, v in call["concrete"].items()}
-    layer_call = LayerCall(call["positional"], call["names"], call["inputs"], concrete, defaults)
+    layer_call = LayerCall(
+        call["positional"], call["names"], call["inputs"], concrete, signature_defaults(fresh)
+    )
     return traced_layer(gm, layer_call, path, record["class"], record["attributes"])
 
 

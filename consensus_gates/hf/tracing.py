@@ -96,12 +96,16 @@ class LayerCall:
     concrete: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
 
+    def values(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Every argument of a call by name, the forward's defaults filled in."""
+        return {**self.defaults, **dict(zip(self.positional, args, strict=False)), **kwargs}
+
     def bind(self, layer: str, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
         """The graph's inputs for a call ``layer(*args, **kwargs)``; a call the graph was not
         traced for is refused, naming the argument."""
         if len(args) > len(self.positional):
             raise TypeError(f"layer '{layer}' takes {len(self.positional)} positional arguments")
-        values = {**self.defaults, **dict(zip(self.positional, args, strict=False)), **kwargs}
+        values = self.values(args, kwargs)
         unknown = sorted(
             k for k in set(values) - set(self.names) if not (k in OFF_FLAGS and not values[k])
         )
@@ -146,16 +150,21 @@ def layer_signature(layer: nn.Module) -> inspect.Signature:
     return inspect.signature(inspect.unwrap(type(layer).forward))
 
 
+def signature_defaults(layer: nn.Module) -> dict[str, Any]:
+    """The default value of each of the layer's forward parameters that has one."""
+    params = layer_signature(layer).parameters.values()
+    return {p.name: p.default for p in params if p.default is not p.empty}
+
+
 def _bound_call(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> LayerCall:
     sig = layer_signature(layer)
     params = [p for p in sig.parameters.values() if p.name != "self"]
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     named = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    defaults = {p.name: p.default for p in params if p.default is not p.empty}
     extra = [k for k in kwargs if k not in named]
     if extra and not any(p.kind is p.VAR_KEYWORD for p in params):
         raise TracingError(f"{type(layer).__name__} got unexpected arguments {extra}")
-    return LayerCall(positional, named + extra, [], {}, defaults)
+    return LayerCall(positional, named + extra, [], {}, signature_defaults(layer))
 
 
 def trace_layer(
@@ -170,7 +179,7 @@ def trace_layer(
     example inputs.
     """
     call = _bound_call(layer, args, kwargs)
-    values = {**call.defaults, **dict(zip(call.positional, args, strict=False)), **kwargs}
+    values = call.values(args, kwargs)
     expected = _run_eager(layer, args, kwargs)
     free = [n for n in call.names if not _is_graph_input(values.get(n))]
     leaves: set[str] = set()
