@@ -16,6 +16,7 @@ from .gates.heads import HEADS
 
 Mode = Literal["layer", "channel", "both"]
 MODES = ("layer", "channel", "both")
+GRANULARITIES = ("branch", "layer")
 
 
 def _check_name(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -48,6 +49,10 @@ class GateConfig:
         exclude: fnmatch patterns of gate names to leave ungated, e.g. ``("layer1.*",)``.
         bernoulli_momentum: weight of each batch in the Bernoulli head's running mean of
             the logits, which eval mode compares with; in (0, 1].
+        granularity: for Hugging Face models, what one layer gate decides: ``"branch"``,
+            each residual branch of a layer (attention, MLP); ``"layer"``, the whole layer
+            (ShortGPT's unit), so that a cut only ever removes whole layers and
+            `hf.to_transformers` can write it as the original class.
     """
 
     mode: Mode = "layer"
@@ -60,6 +65,7 @@ class GateConfig:
     momentum: float | None = 0.1
     exclude: tuple[str, ...] = field(default_factory=tuple)
     bernoulli_momentum: float = 0.1
+    granularity: str = "branch"
 
     def __post_init__(self) -> None:
         for name in ("fc_layers", "hidden"):
@@ -80,6 +86,7 @@ class GateConfig:
         if self.fc_layers not in (1, 2):
             raise ValueError(f"GateConfig.fc_layers must be 1 or 2, got {self.fc_layers}")
         _check_name("head", self.head, tuple(HEADS))
+        _check_name("granularity", self.granularity, GRANULARITIES)
         if self.hidden < 1:
             raise ValueError(f"GateConfig.hidden must be >= 1, got {self.hidden}")
         if self.tau <= 0:

@@ -18,7 +18,7 @@ from .consensus import kept_fraction, normalize_decision, resolve_decisions
 from .fx.graph_module import META_KEY, example_inputs_of, require_gated
 from .fx.tracing import as_input_tuple
 from .gates.modules import LayerGate
-from .hf import as_traceable_call, is_transformer, per_token_divisor
+from .hf.inputs import as_traceable_call, is_transformer, per_token_divisor
 from .slimming import slimmed
 
 with warnings.catch_warnings():  # fvcore's import calls the deprecated torch.jit.script

@@ -336,7 +336,7 @@ MALFORMED = {
     "not a dict": (lambda d: d.clear() or d.update(nodes=[]), "not a saved torch.fx graph"),
     "wrong format": (_set(["format"], "pickle"), "not a saved torch.fx graph"),
     "wrong version": (_set(["version"], 99), "format version 99 is not 1"),
-    "no nodes": (_set(["nodes"], []), "'nodes' is not a non-empty list"),
+    "no nodes": (_set(["nodes"], []), "'nodes' is not a list of 1 to 65,536 nodes"),
     "missing field": (lambda d: d["nodes"][1].pop("kwargs"), "does not have exactly the fields"),
     "extra field": (_set(["nodes", 1, "code"], "x"), "does not have exactly the fields"),
     "node not a dict": (_set(["nodes", 1], ["add"]), "does not have exactly the fields"),
@@ -372,7 +372,7 @@ MALFORMED = {
     "tuple not a list": (_set(["nodes", 1, "args", 1], {"tuple": "ab"}), "unreadable value"),
     "deep nesting": (
         _set(["nodes", 1, "args", 1], functools.reduce(lambda v, _: [v], range(10**5), [])),
-        "nested too deeply",
+        "its arguments nest more than 16 deep",
     ),
 }
 

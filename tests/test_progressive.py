@@ -282,6 +282,11 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to rounding: each rank is its own process."""
+    return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_under_ddp_every_rank_cuts_and_projects_the_same_gates_at_the_same_step(tmp_path):
     import torch.multiprocessing as mp
@@ -291,12 +296,12 @@ def test_under_ddp_every_rank_cuts_and_projects_the_same_gates_at_the_same_step(
     a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
     assert a["cut"] == b["cut"] and sum(len(c) for c in a["cut"]) == 9
     assert a["weights"].keys() == b["weights"].keys()
-    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    assert all(_close(a["weights"][k], b["weights"][k]) for k in a["weights"])
     for progressive in (False, True):
         x, y = a["projected"][progressive], b["projected"][progressive]
         assert x["records"] == y["records"] and x["records"][1][0] == 1  # projected at step 1
         # BatchNorm's running statistics are each rank's own (DDP broadcasts rank 0's
         # before each forward); everything else is the same
-        differ = [k for k in x["weights"] if not torch.equal(x["weights"][k], y["weights"][k])]
+        differ = [k for k in x["weights"] if not _close(x["weights"][k], y["weights"][k])]
         assert all(k.endswith(("running_mean", "running_var")) for k in differ)
     assert len(a["projected"][True]["records"][1][1]) == 18  # every gate cut at once

@@ -99,8 +99,8 @@ CASES = {
     "huge-model": (
         "gated",
         _put("source", "kwargs", "num_classes", 2**40),
-        r"asks for a cifar_resnet of [\d,]+ parameters and buffers .* at most "
-        r"1,073,741,824",
+        r"cifar_resnet with kwargs .*\) asks for a model of [\d,]+ parameters and buffers; a "
+        r"file may ask for at most 1,073,741,824",
     ),
     "config-extra-key": ("gated", _put("config", "bogus", 1), r"config\.bogus is not a field"),
     "tau-nan": (

@@ -343,8 +343,12 @@ def test_load_in_a_fresh_process(tmp_path):
     assert done.stdout.split() == ["SlimLlamaForCausalLM", str(len(slim.model.layers))]
     from safetensors.torch import load_file
 
+    # another process may split a matmul differently (thread count, CPU vendor): the file
+    # rebuilds the same model, not the same rounding
     with torch.no_grad():
-        assert torch.equal(load_file(str(tmp_path / "y.safetensors"))["y"], output(slim, x))
+        torch.testing.assert_close(
+            load_file(str(tmp_path / "y.safetensors"))["y"], output(slim, x), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_cli_inspect_and_slim_take_transformer_files(tmp_path):

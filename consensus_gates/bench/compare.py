@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from ..cost import flops
-from ..hf import token_vocabulary
+from ..hf.inputs import token_vocabulary
 from .measure import BenchConfig, Measurement, measure, random_batches
 
 
@@ -49,7 +49,7 @@ def load_for_bench(
         config = config or BenchConfig()
         return OnnxRuntimeModel(path, config.device, config.threads)
     if path.is_dir() and (path / "config.json").is_file():
-        from ..hf import load_pretrained_folder
+        from ..hf.files import load_pretrained_folder
 
         return load_pretrained_folder(path)
     if path.suffix == ".safetensors" or path.is_file():

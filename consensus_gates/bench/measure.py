@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import set_training
-from ..hf import token_vocabulary
+from ..hf.inputs import token_vocabulary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -38,6 +38,7 @@ def _read(path: Path) -> tuple[torch.nn.Module, Decisions | None]:
     else:
         spec = read_spec(path)
         if spec["kind"] == "slim":  # the gated model it was cut from shows what was cut
+            load(path)  # but a file that does not load is refused, as bench refuses it
             gated = rebuild_gated(spec, what=str(path))
             return gated, decisions_of(spec, gated, str(path))
         model = load(path)

@@ -47,6 +47,53 @@ def gate_graph(
     return GatedModel(gm, gm.graph, class_name=f"Gated{what}"), rejected
 
 
+def gate_whole_graph(
+    gm: fx.GraphModule, first_input: Tensor, config: GateConfig, name: str, what: str
+) -> GatedModel:
+    """One `LayerGate`, named `name`, across the whole graph, as if it were one residual
+    branch: ``x + g(x) * (f(x) - x)``, ``x`` the first input and ``f(x)`` the (first)
+    output. Closed, the graph returns its input; open, the surgery leaves ``f(x)``."""
+    graph = gm.graph
+    x = next(n for n in graph.nodes if n.op == "placeholder")
+    out = next(n for n in graph.nodes if n.op == "output")
+    (result,) = out.args
+    tupled = isinstance(result, (tuple, list))
+    h = result[0] if tupled and result else result
+    if not isinstance(h, fx.Node) or not isinstance(first_input, Tensor):
+        raise ValueError(f"{what} does not take and return a tensor first: no whole-layer gate")
+    fdim = first_input.dim() - 1 if first_input.dim() > 2 else None
+    channels = first_input.shape[-1] if first_input.dim() > 1 else 1
+    gates = nn.Module()
+    gm.add_module(GATES_ATTR, gates)
+    target = _register(gates, LayerGate(name, channels, fdim, first_input.dim(), config))
+    with graph.inserting_after(_anchor(graph, x)):
+        g = graph.call_module(target, (x,))
+    with graph.inserting_before(out):
+        branch = graph.call_function(operator.sub, (h, x))
+        scaled = graph.call_function(operator.mul, (branch, g))
+        merged = graph.call_function(operator.add, (x, scaled))
+    if tupled:
+        merged = (merged, *result[1:]) if isinstance(result, tuple) else [merged, *result[1:]]
+    out.args = (merged,)
+    graph.lint()
+    return GatedModel(gm, graph, class_name=f"Gated{what}")
+
+
+def collapse_whole_graph_merge(graph: fx.Graph) -> None:
+    """After the surgery kept a whole-graph branch: ``x + (f(x) - x)`` is ``f(x)``."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is operator.add and len(node.args) == 2:
+            x, branch = node.args
+            if (
+                isinstance(branch, fx.Node) and branch.op == "call_function"
+                and branch.target is operator.sub and branch.args[1] is x
+                and len(branch.users) == 1 and not node.kwargs
+            ):  # fmt: skip
+                node.replace_all_uses_with(branch.args[0])
+                graph.erase_node(node)
+                graph.erase_node(branch)
+
+
 def _not_excluded(
     what: str, branches: list[Branch], rejected: list[Rejected], config: GateConfig
 ) -> list[Branch]:

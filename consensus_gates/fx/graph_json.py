@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import keyword
 import math
 import operator
@@ -19,6 +20,8 @@ from ..errors import ModelFileError
 
 FORMAT = "consensus_gates.fx_graph"
 VERSION = 1
+MAX_NODES = 2**16  # one graph's; a transformer layer has a few hundred
+MAX_DEPTH = 16  # values nested in args (tuples of slices nest 3 deep)
 _OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method", "output")
 _FIELDS = {"name", "op", "target", "args", "kwargs"}
 # identifiers, or indices into a ModuleList ("layers.0.mlp"); no dunder segment
@@ -155,8 +158,35 @@ def _decode(v: Any, nodes: dict[str, fx.Node]) -> Any:
     raise _Bad(f"unreadable value {v!r:.80}")
 
 
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` deep in a JSON value (found
+    without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return True
+        children = v.values() if type(v) is dict else v if type(v) is list else ()
+        stack.extend((x, d + 1) for x in children)
+    return False
+
+
+def _check_arity(target: Any, args: tuple, kwargs: dict) -> None:
+    """The arguments bind to the function's signature, where Python can read one (operator
+    and math; torch's builtins have none): fx's code for ``a + b`` indexes both."""
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise _Bad(f"{_names().get(id(target), target)} cannot take these arguments: {e}") from None
+
+
 def _check(op: Any, target: Any, args: tuple, kwargs: dict) -> None:
-    """Refuse what could run anything other than the allowed functions and tensor methods."""
+    """Refuse what could run anything other than the allowed functions and tensor methods,
+    and any node that fx could not write as code."""
     if op not in _OPS:
         raise _Bad(f"unknown op {op!r:.40}; expected one of {', '.join(_OPS)}")
     if not all(_identifier(k) for k in kwargs):  # keyword names become code
@@ -169,6 +199,10 @@ def _check(op: Any, target: Any, args: tuple, kwargs: dict) -> None:
     public = _identifier(target) and target[0] != "_" and target not in _DENIED
     if op == "call_method" and not (public and hasattr(torch.Tensor, target)):
         raise _Bad(f"call_method target {target!r:.80} is not an allowed torch.Tensor method")
+    if op == "call_method" and not args:
+        raise _Bad(f"call_method {target!r} has no tensor to call it on (no arguments)")
+    if op == "call_function" and id(target) in _names():
+        _check_arity(target, args, kwargs)
     data_attr = len(args) == 2 and type(args[1]) is str and args[1] in _TENSOR_DATA
     if op == "call_function" and target is getattr and not (data_attr and not kwargs):
         raise _Bad(f"getattr may read only a tensor's data attributes, not {args[1:]!r:.80}")
@@ -234,9 +268,9 @@ def _build(data: Any) -> fx.Graph:
     if data.get("version") != VERSION:
         raise _Bad(f"format version {data.get('version')!r:.40} is not {VERSION}, the one known")
     records = data.get("nodes")
-    if type(records) is not list or not records:
-        raise _Bad("'nodes' is not a non-empty list")
-    graph, nodes = fx.Graph(), {}
+    if type(records) is not list or not 0 < len(records) <= MAX_NODES:
+        raise _Bad(f"'nodes' is not a list of 1 to {MAX_NODES:,} nodes")
+    graph, nodes, params = fx.Graph(), {}, _Parameters()
     for i, record in enumerate(records):
         where = f"node {i}"
         try:
@@ -244,14 +278,16 @@ def _build(data: Any) -> fx.Graph:
                 raise _Bad(f"does not have exactly the fields {', '.join(sorted(_FIELDS))}")
             name, op, target = record["name"], record["op"], record["target"]
             where = f"node {i} ({name!r:.40})"
-            if not _identifier(name):
-                raise _Bad(f"name {name!r:.40} is not an identifier")
+            if not _identifier(name) or name == "self":
+                raise _Bad(f"name {name!r:.40} is not an identifier other than 'self'")
             if name in nodes:
                 raise _Bad(f"name {name!r} is not unique")
             if (op == "output") != (i == len(records) - 1):
                 raise _Bad("the last node, and only it, must be the output")
             if type(record["args"]) is not list or type(record["kwargs"]) is not dict:
                 raise _Bad("args is not a list, or kwargs not an object")
+            if _too_deep(record["args"], MAX_DEPTH) or _too_deep(record["kwargs"], MAX_DEPTH):
+                raise _Bad(f"its arguments nest more than {MAX_DEPTH} deep")
             args = tuple(_decode(a, nodes) for a in record["args"])
             kwargs = {k: _decode(v, nodes) for k, v in record["kwargs"].items()}
             if op == "call_function":
@@ -259,7 +295,37 @@ def _build(data: Any) -> fx.Graph:
                     raise _Bad(f"call_function target {target!r:.80} is not allowed")
                 target = _functions()[target]
             _check(op, target, args, kwargs)
+            if op == "placeholder":
+                params.add(target, bool(args))
         except _Bad as e:
             raise _Bad(f"{where}: {e}") from None
         nodes[name] = graph.create_node(op, target, args, kwargs, name=name)
     return graph
+
+
+class _Parameters:
+    """The placeholders in order, as the parameters of the forward fx writes for them: unique,
+    never ``self``, and in an order Python accepts (no plain one after a default until a
+    ``*args``; ``**kwargs`` last)."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.default = self.star = self.double_star = False
+
+    def add(self, target: str, has_default: bool) -> None:
+        name = target.lstrip("*")
+        if name in self.names or name == "self":
+            raise _Bad(f"placeholder {name!r} is {'self' if name == 'self' else 'a duplicate'}")
+        if self.double_star:
+            raise _Bad(f"placeholder {target!r} comes after a **kwargs placeholder")
+        if target.startswith("**"):
+            self.double_star = True
+        elif target.startswith("*"):
+            if self.star:
+                raise _Bad(f"a second *args placeholder {target!r}")
+            self.star = True
+        elif has_default:
+            self.default = True
+        elif self.default and not self.star:
+            raise _Bad(f"placeholder {target!r} without a default follows one with a default")
+        self.names.add(name)

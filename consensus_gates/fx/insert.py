@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .._utils import unwrap
 from ..config import GateConfig
-from ..hf import is_transformer
+from ..hf.inputs import is_transformer
 from ..models.registry import SOURCE_ATTR
 from .blocks import Rejected
 from .gating import gate_graph, match_model
@@ -51,6 +51,11 @@ def insert_gates(
         from ..hf.gating import insert_transformer_gates
 
         return insert_transformer_gates(model, example_inputs, config, leaf_modules)
+    if config.granularity != "branch":
+        raise ValueError(
+            f"GateConfig(granularity={config.granularity!r}) is for Hugging Face models, whose "
+            "layers hold several branches; a residual network's branches are its blocks"
+        )
     inputs = as_input_tuple(example_inputs)
     gm, user_leaves = trace(model, leaf_modules)
     gated, rejected = gate_graph(gm, inputs, config, type(model).__name__)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import GateConfig
-from ..fx.gating import gate_graph, match_model
+from ..fx.gating import gate_graph, gate_whole_graph, match_model
 from ..fx.graph_module import META_KEY, Gated
 from .layer import TracedLayer, plain_attributes, traced_layer
 from .tracing import capture_calls, trace_layer, transformer_layers
@@ -65,7 +65,7 @@ def insert_transformer_gates(
     """`insert_gates` for a `transformers.PreTrainedModel`: trace each layer for the call
     its parent makes on `example_inputs`, gate its residual branches (named by layer, e.g.
     ``model.layers.3.self_attn``), and put it back. The model is not modified."""
-    from . import as_input_dict
+    from .inputs import as_input_dict
 
     if config.mode != "layer":
         raise ValueError(
@@ -90,11 +90,14 @@ def insert_transformer_gates(
         hint = hints.get(type(layer), frozenset())
         gm, call, layer_inputs = trace_layer(layer, path, args, kwargs, hint)
         hints[type(layer)] = frozenset(call.concrete)
-        layer_gated, refused = gate_graph(
-            gm, tuple(layer_inputs), config, f"layer '{path}' ({type(layer).__name__})",
-            num_inputs=1, prefix=f"{path}.",
-        )  # fmt: skip
-        rejected += [{**r.__dict__, "module": f"{path}.{r.module}"} for r in refused]
+        what = f"layer '{path}' ({type(layer).__name__})"
+        if config.granularity == "layer":
+            layer_gated = gate_whole_graph(gm, layer_inputs[0], config, path, what)
+        else:
+            layer_gated, refused = gate_graph(
+                gm, tuple(layer_inputs), config, what, num_inputs=1, prefix=f"{path}."
+            )
+            rejected += [{**r.__dict__, "module": f"{path}.{r.module}"} for r in refused]
         match_model(layer_gated, layer, layer_inputs[0])
         name, attributes = type(layer).__name__, plain_attributes(layer)
         set_module(gated, path, traced_layer(layer_gated, call, path, name, attributes))
@@ -138,14 +141,21 @@ def _meta(
     }
 
 
+MAX_EXAMPLE_LENGTH = 512  # tokens
+
+
 def random_inputs(model: nn.Module, spec: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
     """Inputs of the recorded shapes at batch size 1: token ids drawn from the vocabulary,
-    masks of ones, floats from a normal distribution."""
+    masks of ones, floats from a normal distribution. A sequence of integers (ids, a mask)
+    is at most `MAX_EXAMPLE_LENGTH` long: these inputs are traced and counted with, and
+    counting attention takes time quadratic in the length, which a file sets."""
     device = next(model.parameters()).device
     vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 2
     out = {}
     for name, s in spec.items():
         shape, dtype = (1, *s["shape"][1:]), getattr(torch, s["dtype"])
+        if len(shape) == 2 and not dtype.is_floating_point:
+            shape = (1, min(shape[1], MAX_EXAMPLE_LENGTH))
         if dtype.is_floating_point:
             out[name] = torch.randn(shape, dtype=dtype, device=device)
         elif "mask" in name:

@@ -18,14 +18,16 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..config import GateConfig
-from ..errors import ModelFileError
+from ..errors import ModelFileError, file_step
 from ..fx.graph_json import graph_from_json, graph_to_json
 from ..fx.graph_module import GATES_ATTR, META_KEY
 from ..gates.modules import Gate, LayerGate
+from ..saving.bounds import check_elements
+from .files import build_config, meta_model, model_class
 from .gating import GatedTransformer, set_module, traced_layers, transformer_class
-from .layer import CALL_KEY, TracedLayer, traced_layer
+from .layer import CALL_KEY, TracedLayer, plain_attributes, traced_layer
 from .surgery import SlimTransformer, drop_layers
-from .tracing import LayerCall, signature_defaults
+from .tracing import LayerCall, layer_signature, signature_defaults, transformer_layers
 
 DROPOUT_PREFIX = "cg_dropout_"
 
@@ -76,26 +78,61 @@ def _layer_record(layer: TracedLayer) -> dict[str, Any]:
 
 
 def rebuild_transformer(spec: dict[str, Any], what: str) -> nn.Module:
-    """The model a gated or slim spec describes, with fresh weights (`load` fills them)."""
+    """The model a gated or slim spec describes, with fresh weights (`load` fills them).
+    Each step is checked against the freshly built model, and anything the spec gets wrong
+    is a ModelFileError naming the file and the step."""
     model = _fresh_model(spec, what)
-    config = GateConfig.from_dict(spec["config"])
+    config = file_step(what, "build its GateConfig", GateConfig.from_dict, spec["config"])
+    layers = _check_layer_paths(model, spec, what)
     for path, record in spec["layers"].items():
-        try:
-            fresh = model.get_submodule(path)
-        except AttributeError:
-            raise ModelFileError(f"{what}: the model has no layer {path!r}") from None
-        set_module(model, path, _rebuild_layer(fresh, path, record, config, what))
-    removed = spec["removed_layers"]
+        layer = file_step(
+            what, f"rebuild layer {path!r}", _rebuild_layer, layers[path], path, record, config,
+            what,
+        )  # fmt: skip
+        set_module(model, path, layer)
     if spec["kind"] == "slim":
-        drop_layers(model, removed)
-    elif removed:
-        raise ModelFileError(f"{what}: a gated model has no removed layers, got {removed}")
+        file_step(what, "drop the layers it removed", drop_layers, model, spec["removed_layers"])
     role = SlimTransformer if spec["kind"] == "slim" else GatedTransformer
     model.__class__ = transformer_class(type(model), role)
     model.meta = {META_KEY: {k: v for k, v in spec.items() if k not in ("layers", "fixed")}}
-    for name, d in (spec.get("fixed") or {}).items():
-        model.gates[name].fixed = d
+    if spec["kind"] == "gated":
+        for name, d in _fixed(spec, model, what).items():
+            model.gates[name].fixed = d
     return model
+
+
+def _check_layer_paths(model: nn.Module, spec: dict[str, Any], what: str) -> dict[str, nn.Module]:
+    """The model's layers by path, once the spec's layers are checked against them: each
+    one the model has, as many as it has, each kept (with a graph) or removed, not both."""
+    layers = dict(file_step(what, "find its layers", transformer_layers, model))
+    recorded = spec["transformers"]["layers"]
+    kept, removed = list(spec["layers"]), spec["removed_layers"]
+    if recorded != list(layers):
+        raise ModelFileError(
+            f"{what} records the layers {recorded[:4]}... but its {type(model).__name__} has "
+            f"{list(layers)[:4]}... ({len(recorded)} against {len(layers)})"
+        )
+    if spec["kind"] == "gated" and removed:
+        raise ModelFileError(f"{what}: a gated model has no removed layers, got {removed[:4]}")
+    if sorted(kept + removed) != sorted(recorded):
+        unknown = sorted(set(kept + removed) - set(recorded))
+        raise ModelFileError(
+            f"{what}: its kept and removed layers must be the model's layers, each once "
+            f"(unknown: {unknown[:4]}; kept {len(kept)} + removed {len(removed)}, the model has "
+            f"{len(recorded)})"
+        )
+    return layers
+
+
+def _fixed(spec: dict[str, Any], model: nn.Module, what: str) -> dict[str, bool]:
+    fixed = spec.get("fixed") or {}
+    unknown = sorted(set(fixed) - set(model.gates))
+    if unknown:
+        raise ModelFileError(f"{what}: fixed names gates the model does not have: {unknown[:4]}")
+    for name, d in fixed.items():
+        if type(d) is not bool:
+            raise ModelFileError(f"{what}: fixed.{name} must be true or false, got {d!r:.80}")
+    return fixed
 
 
 def gated_from_spec(spec: dict[str, Any], what: str) -> nn.Module:
@@ -110,26 +147,12 @@ def gated_from_spec(spec: dict[str, Any], what: str) -> nn.Module:
 
 
 def _fresh_model(spec: dict[str, Any], what: str) -> nn.Module:
-    import transformers
-
     info = spec["transformers"]
-    cls = getattr(transformers, info["class"], None) if info["class"].isidentifier() else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ModelFileError(
-            f"{what} was saved from {info['class']!r}, which is not a model class of "
-            f"transformers {transformers.__version__} (saved with {info['version']})"
-        )
-    try:
-        config = cls.config_class.from_dict(info["config"])
-        with torch.device("meta"):  # count first: nothing is allocated
-            size = sum(t.numel() for t in cls(config).state_dict().values())
-    except Exception as e:  # noqa: BLE001 - a config from a file can fail in many ways
-        raise ModelFileError(f"{what}: its {info['class']} config does not build ({e})") from e
-    from ..saving.spec import MAX_PARAMETERS
-
-    if size > MAX_PARAMETERS:
-        raise ModelFileError(f"{what} asks for a model of {size:,} parameters and buffers")
-    model = cls(config)
+    cls = model_class(info["class"], f"{what} (saved with transformers {info['version']})")
+    config = build_config(cls, info["config"], what)
+    meta = meta_model(cls, config, what)  # count first: nothing is allocated
+    check_elements(sum(t.numel() for t in meta.state_dict().values()), what)
+    model = file_step(what, f"build its {cls.__name__}", cls, config)
     if spec.get("dtype"):
         model = model.to(getattr(torch, spec["dtype"]))
     return model
@@ -141,6 +164,15 @@ def _rebuild_layer(
     """A layer's graph over the modules of `fresh`, the newly built original layer."""
     where = f"{what}, layer {path!r}"
     graph = graph_from_json(record["graph"], where)
+    if not record["class"].isidentifier():
+        raise ModelFileError(f"{where}: class {record['class']!r:.80} is not an identifier")
+    plain = plain_attributes(fresh)
+    unknown = sorted(set(record["attributes"]) - set(plain))
+    if unknown:
+        raise ModelFileError(
+            f"{where}: attributes {unknown[:4]} are not plain attributes of its "
+            f"{type(fresh).__name__} (those are {sorted(plain)[:8]})"
+        )
     ref = next(fresh.parameters(), None)
     root: dict[str, Any] = {}
     for node in graph.nodes:
@@ -150,11 +182,33 @@ def _rebuild_layer(
                 root[node.target].to(device=ref.device, dtype=ref.dtype)
     gm = fx.GraphModule(root, graph, class_name=record["class"])
     call = record["call"]
+    _check_call(call, graph, fresh, where)
     concrete = {k: tuple(v) if isinstance(v, list) else v for k, v in call["concrete"].items()}
     layer_call = LayerCall(
         call["positional"], call["names"], call["inputs"], concrete, signature_defaults(fresh)
     )
     return traced_layer(gm, layer_call, path, record["class"], record["attributes"])
+
+
+def _check_call(call: dict[str, Any], graph: fx.Graph, fresh: nn.Module, where: str) -> None:
+    """The recorded call fits the fresh layer's forward and the graph: `LayerCall.bind`
+    hands the graph its ``inputs``, in order, from the arguments named ``names``."""
+    params = layer_signature(fresh).parameters.values()
+    accepted = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    names, inputs, concrete = call["names"], call["inputs"], call["concrete"]
+    placeholders = [n.target.lstrip("*") for n in graph.nodes if n.op == "placeholder"]
+    problems = [
+        len(set(names)) != len(names) and "its argument names repeat",
+        not all(n.isidentifier() and n != "self" for n in names) and "an argument name is not one",
+        not takes_any and not set(names) <= accepted and f"the forward takes {sorted(accepted)}",
+        not set(call["positional"]) <= set(names) and "positional arguments outside its names",
+        inputs != placeholders and f"inputs {inputs[:6]} are not the graph's {placeholders[:6]}",
+        not set(concrete) <= set(names) - set(inputs) and "baked arguments outside its names",
+    ]
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise ModelFileError(f"{where}: the recorded call does not fit the layer: {problem}")
 
 
 def _target(

@@ -9,6 +9,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from ..fx.gating import collapse_whole_graph_merge
 from ..fx.surgery import slim_graph_module
 from .gating import TransformerFile, set_module, traced_layers, transformer_class
 from .layer import plain_attributes, traced_layer
@@ -34,6 +35,8 @@ def cut_transformer(gated: nn.Module, decisions: dict[str, Any], share: bool) ->
     )
     for path, layer in traced_layers(slim):
         cut = slim_graph_module(layer, decisions)
+        collapse_whole_graph_merge(cut.graph)
+        cut.recompile()
         name, attributes = cut.__class__.__name__, plain_attributes(layer)
         set_module(slim, path, traced_layer(cut, layer.layer_call, path, name, attributes))
     if not share:
@@ -106,8 +109,9 @@ def _renumber(layers: list[nn.Module]) -> None:
 
 def _shrink_config(model: nn.Module, stack: str, old: int, keep: list[int]) -> None:
     """Set the layer count of the config nearest to the stack (``model.config`` at worst),
-    and its per-layer ``layer_types``, if any. A larger count would only size caches too
-    big; the renumbered ``layer_idx`` is what keeps the cache right."""
+    and keep the kept layers' entries of its per-layer lists (``layer_types`` and the
+    like). A larger count would only size caches too big; the renumbered ``layer_idx`` is
+    what keeps the cache right, and `to_transformers` needs both."""
     role = "decoder" if "decoder" in stack else "encoder" if "encoder" in stack else ""
     config = model.config
     parts = stack.split(".")
@@ -120,6 +124,7 @@ def _shrink_config(model: nn.Module, stack: str, old: int, keep: list[int]) -> N
         if getattr(config, name, None) == old:
             setattr(config, name, len(keep))
             break
-    types = getattr(config, "layer_types", None)
-    if isinstance(types, list) and len(types) == old:
-        config.layer_types = [types[i] for i in keep]
+    # one entry per layer: layer_types, mlp_layer_types, no_rope_layers, ..._per_layer
+    for name, value in list(vars(config).items()):
+        if "layer" in name and isinstance(value, (list, tuple)) and len(value) == old:
+            setattr(config, name, type(value)(value[i] for i in keep))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .._utils import atomic_path, set_training, unwrap
 from ..config import GateConfig
 from ..consensus import normalize_decision
-from ..errors import ModelFileError
+from ..errors import ModelFileError, file_step
 from ..fx.cut import replay_cuts
 from ..fx.graph_module import META_KEY, GatedModel
 from ..fx.insert import insert_gates
@@ -29,10 +29,10 @@ from ..hf.saving import gated_from_spec, rebuild_transformer, transformer_spec
 from ..models.registry import SOURCE_ATTR, create_model
 from ..slimming import materialize
 from .aot_package import AOT_SUFFIX, compile_package, require_compiler
+from .bounds import Shapes, check_elements, check_matches, module_budget, stored_shapes
 from .spec import (
     FORMAT,
     MAX_BATCH,
-    MAX_PARAMETERS,
     VERSION,
     architecture_source,
     parse_spec,
@@ -115,30 +115,47 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def rebuild(
-    spec: dict[str, Any], model: nn.Module | None = None, what: str = "the file"
+    spec: dict[str, Any],
+    model: nn.Module | None = None,
+    what: str = "the file",
+    stored: Shapes | None = None,
 ) -> nn.Module:
     """The architecture a spec describes, with fresh weights: `create_model` (or `model`, an
     instance of the original architecture), then `insert_gates` and `materialize` as
-    recorded. The spec is validated first; anything it gets wrong is a ModelFileError."""
+    recorded. The spec is validated first; anything it gets wrong is a ModelFileError.
+
+    `stored`, the shapes of the tensors the file holds, bounds what is built before it is
+    allocated (`saving.bounds`): a transformer is rebuilt on the meta device first and must
+    hold exactly those tensors; a source model may not be larger than they are, unless
+    a cut made it smaller."""
     validate_spec(spec, what)
     if "transformers" in spec:
+        if stored is not None:
+            with torch.device("meta"):
+                meta = rebuild_transformer(spec, what)
+            check_matches(meta, stored, what)
         return rebuild_transformer(spec, what)
     if spec["kind"] == "plain":
-        return _source_model(spec, model, what)
-    gated = rebuild_gated(spec, model, what)
+        return _source_model(spec, model, what, stored)
+    # a cut, at the end or while training, leaves the file smaller than the source model
+    shrunk = spec["kind"] == "slim" or bool(spec.get("cut"))
+    gated = rebuild_gated(spec, model, what, None if shrunk else stored)
     decisions = decisions_of(spec, gated, what)
     if spec.get("cut"):
         cut = decisions_of(spec, gated, what, field="cut")
-        _file_step(what, "cut the gates it cut while training", replay_cuts, gated, cut)
+        file_step(what, "cut the gates it cut while training", replay_cuts, gated, cut)
     if spec["kind"] == "slim":
-        return _file_step(what, "materialize its decisions", materialize, gated, decisions)
+        return file_step(what, "materialize its decisions", materialize, gated, decisions)
     for name, d in decisions.items():
         gated.gates[name].fixed = d
     return gated
 
 
 def rebuild_gated(
-    spec: dict[str, Any], model: nn.Module | None = None, what: str = "the file"
+    spec: dict[str, Any],
+    model: nn.Module | None = None,
+    what: str = "the file",
+    stored: Shapes | None = None,
 ) -> GatedModel:
     """The gated model of a gated or slim spec (for a slim one: before the cut), with fresh
     weights and no decisions fixed."""
@@ -146,19 +163,21 @@ def rebuild_gated(
     if spec["kind"] == "plain":
         raise ModelFileError(f"{what} holds a plain model, without gates")
     if "transformers" in spec:
-        return _file_step(what, "trace its layers", gated_from_spec, spec, what)
-    net = _source_model(spec, model, what)
+        return file_step(what, "trace its layers", gated_from_spec, spec, what)
+    net = _source_model(spec, model, what, stored)
     inputs = tuple(
         torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec["inputs"]
     )
-    config = _file_step(what, "build its GateConfig", GateConfig.from_dict, spec["config"])
-    return _file_step(
+    config = file_step(what, "build its GateConfig", GateConfig.from_dict, spec["config"])
+    return file_step(
         what, "insert its gates", insert_gates, net, inputs, config,
         leaf_modules=spec["leaf_modules"],
     )  # fmt: skip
 
 
-def _source_model(spec: dict[str, Any], model: nn.Module | None, what: str) -> nn.Module:
+def _source_model(
+    spec: dict[str, Any], model: nn.Module | None, what: str, stored: Shapes | None
+) -> nn.Module:
     source = spec["source"]
     if model is None:
         if not source:
@@ -166,38 +185,25 @@ def _source_model(spec: dict[str, Any], model: nn.Module | None, what: str) -> n
                 f"{what} was saved from a model that is not in the registry; pass an instance "
                 "of its architecture, e.g. load(path, model=MyNet(...))"
             )
-        model = _create(source, what)
+        model = _create(source, what, stored)
     if spec["dtype"]:
         model = model.to(getattr(torch, spec["dtype"]))
     return model
 
 
-def _create(source: dict[str, Any], what: str) -> nn.Module:
-    """`create_model` as the spec asks, refusing a model too large to be real first."""
+def _create(source: dict[str, Any], what: str, stored: Shapes | None) -> nn.Module:
+    """`create_model` as the spec asks, refusing first a model too large to be real, or
+    larger than the weights `stored` in the file."""
     name, kwargs = source["name"], source["kwargs"]
     try:  # on the meta device nothing is allocated; some user constructors need real tensors
-        with torch.device("meta"):
+        with module_budget(what), torch.device("meta"):
             size = sum(t.numel() for t in create_model(name, **kwargs).state_dict().values())
+    except ModelFileError:
+        raise
     except Exception:  # noqa: BLE001 - the real build below reports what is wrong
         size = 0
-    if size > MAX_PARAMETERS:
-        raise ModelFileError(
-            f"{what} asks for a {name} of {size:,} parameters and buffers (kwargs "
-            f"{kwargs}); a spec may ask for at most {MAX_PARAMETERS:,}"
-        )
-    return _file_step(what, f"build its source model {name!r}", create_model, name, **kwargs)
-
-
-def _file_step(what: str, step: str, fn, *args, **kwargs):
-    """`fn(*args, **kwargs)`, where any failure comes from what the file asked for."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as e:  # constructors and tracing raise many kinds on bad arguments
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise ModelFileError(
-            f"{what} has a spec that does not rebuild: could not {step} "
-            f"({type(e).__name__}: {reason[:400]})"
-        ) from e
+    check_elements(size, f"{what} ({name} with kwargs {kwargs})"[:300], stored)
+    return file_step(what, f"build its source model {name!r}", create_model, name, **kwargs)
 
 
 def decisions_of(
@@ -224,7 +230,7 @@ def decisions_of(
                 f"{what} has an invalid model spec: {field}.{name} must be true or false "
                 f"(a layer gate), got {d!r:.80}"
             )
-        out[name] = _file_step(what, f"read {field}.{name}", normalize_decision, gates[name], d)
+        out[name] = file_step(what, f"read {field}.{name}", normalize_decision, gates[name], d)
     return out
 
 
@@ -239,7 +245,7 @@ def load(
     Then the weights are loaded strictly.
     """
     spec = read_spec(path)
-    model = rebuild(spec, model, what=str(path))
+    model = rebuild(spec, model, what=str(path), stored=stored_shapes([path]))
     try:
         load_model(model, str(path), strict=True)
     except (RuntimeError, SafetensorError) as e:

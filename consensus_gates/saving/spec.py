@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..config import MODES
+from ..config import GRANULARITIES, MODES
 from ..errors import ModelFileError
 from ..fx.positions import POSITIONS
 from ..gates.heads import HEADS
@@ -188,6 +188,7 @@ CONFIG_FIELDS = {  # GateConfig's fields; GateConfig itself checks the rest on c
     "momentum": nullable(number(0, 1, low_open=True)),
     "exclude": list_of(string, 10_000),
     "bernoulli_momentum": number(0, 1, low_open=True),  # optional: older files lack it
+    "granularity": one_of(*GRANULARITIES),  # optional too
 }
 _COMMON = {
     "format": one_of(FORMAT),

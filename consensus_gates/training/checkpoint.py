@@ -89,7 +89,8 @@ def model_from_checkpoint(
     what = "the checkpoint"
     if not isinstance(checkpoint, dict):
         what, checkpoint = str(checkpoint), load_checkpoint(checkpoint)
-    rebuilt = rebuild(parse_spec(checkpoint["spec"], what), model, what=what)
+    stored = {k: tuple(t.shape) for k, t in checkpoint["model"].items()}
+    rebuilt = rebuild(parse_spec(checkpoint["spec"], what), model, what=what, stored=stored)
     try:
         rebuilt.load_state_dict(checkpoint["model"])
     except RuntimeError as e:

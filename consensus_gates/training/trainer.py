@@ -41,7 +41,7 @@ from ..cost import flops_ratio, total_cost
 from ..errors import TrainingDiverged
 from ..fx.cut import replay_cuts
 from ..fx.graph_module import Gated
-from ..hf import is_transformer
+from ..hf.inputs import is_transformer
 from ..losses import gate_losses
 from ..saving.files import model_spec
 from ..saving.spec import parse_spec

@@ -1,0 +1,131 @@
+"""Whole-layer gates (`GateConfig(granularity="layer")`) and `hf.to_transformers`: a cut that
+removes only whole layers comes out as the original class, whose `save_pretrained` folder
+plain transformers loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import consensus_gates as cg
+
+from hf_models import CAUSAL, inputs, output, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+WHOLE = cg.GateConfig(granularity="layer")
+# T5's first layer returns the position bias the others use, and Swin's blocks alternate
+# shifted windows by their index: neither is covered here (see docs/transformers.md)
+ARCHS = ("gpt2", "llama", "qwen2", "neox", "bert", "bart", "vit")
+
+
+def _alternate(gated) -> dict[str, bool]:
+    return {n: i % 2 == 1 for i, n in enumerate(gated.gates)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_whole_layer_gates_cut_whole_layers_and_give_the_original_class(arch):
+    model, x = tiny(arch), inputs(arch)
+    gated = cg.insert_gates(model, x, WHOLE)
+    layers = [p for p, _ in cg.hf.gating.traced_layers(gated)]
+    assert list(gated.gates) == layers  # one gate per layer, named by it
+    with torch.no_grad():
+        torch.testing.assert_close(output(gated, x), output(model, x))  # all open
+    decisions = _alternate(gated)
+    slim = cg.materialize(gated, decisions)
+    cg.fix_decisions(gated, decisions)
+    plain = cg.hf.to_transformers(slim)
+    assert type(plain) is type(model)
+    assert len(cg.hf.gating.traced_layers(slim)) == sum(decisions.values())
+    with torch.no_grad():
+        torch.testing.assert_close(output(slim, x), output(gated, x))
+        assert torch.equal(output(plain, x), output(slim, x))
+    assert not any("gate_modules" in k for k in plain.state_dict())
+
+
+def test_a_whole_layer_gate_is_saved_and_loaded(tmp_path):
+    gated = cg.insert_gates(tiny("llama"), inputs("llama"), WHOLE)
+    cg.save(gated, tmp_path / "gated.safetensors")
+    loaded = cg.load(tmp_path / "gated.safetensors")
+    assert loaded.spec["config"]["granularity"] == "layer"
+    slim = cg.materialize(loaded, _alternate(loaded))
+    cg.save(slim, tmp_path / "slim.safetensors")
+    x = inputs("llama")
+    with torch.no_grad():
+        assert torch.equal(output(cg.load(tmp_path / "slim.safetensors"), x), output(slim, x))
+
+
+def test_a_branch_cut_is_refused_naming_its_layers():
+    gated = cg.insert_gates(tiny("llama"), inputs("llama"))
+    decisions = dict.fromkeys(gated.gates, True) | {"model.layers.1.mlp": False}
+    with pytest.raises(ValueError, match=r"1 layers keep only part of their blocks.*"
+                       r"model\.layers\.1 \(without mlp.*granularity='layer'"):  # fmt: skip
+        cg.hf.to_transformers(cg.materialize(gated, decisions))
+    with pytest.raises(TypeError, match="takes a cut Hugging Face model"):
+        cg.hf.to_transformers(gated)
+
+
+def test_granularity_is_for_transformers_and_checked():
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        cg.GateConfig(granularity="block")
+    with pytest.raises(ValueError, match="is for Hugging Face models"):
+        cg.insert_gates(cg.create_model("resnet20"), torch.randn(2, 3, 32, 32), WHOLE)
+
+
+def test_per_layer_config_lists_follow_the_kept_layers():
+    import transformers
+
+    types = ["full_attention", "sliding_attention", "full_attention"]
+    config = transformers.Qwen2Config(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=100, layer_types=types, use_sliding_window=True,
+        sliding_window=4,
+    )  # fmt: skip
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    gated = cg.insert_gates(model, inputs("qwen2"), WHOLE)
+    slim = cg.materialize(gated, {"model.layers.0": True, "model.layers.1": False,
+                                  "model.layers.2": True})  # fmt: skip
+    assert slim.config.num_hidden_layers == 2
+    assert slim.config.layer_types == ["full_attention", "full_attention"]
+    assert cg.hf.to_transformers(slim).config.layer_types == slim.config.layer_types
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", CAUSAL[:2])
+def test_the_folder_loads_with_plain_transformers_in_a_fresh_process(tmp_path, arch):
+    """`from_pretrained` in a process that never imports consensus_gates gives the cut
+    model's logits and generate() tokens."""
+    from safetensors.torch import load_file, save_file
+
+    gated = cg.insert_gates(tiny(arch), inputs(arch), WHOLE)
+    slim = cg.materialize(gated, _alternate(gated))
+    cg.hf.to_transformers(slim).save_pretrained(tmp_path / "folder")
+    x = inputs(arch, batch=2, length=9, seed=4)
+    save_file(x, str(tmp_path / "x.safetensors"))
+    code = f"""
+import sys, torch, transformers
+from safetensors.torch import load_file, save_file
+torch.set_num_threads(1)
+m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "folder")!r}).eval()
+x = load_file({str(tmp_path / "x.safetensors")!r})
+with torch.no_grad():
+    y = m(**x).logits
+    t = m.generate(x["input_ids"][:1], max_new_tokens=6, do_sample=False)
+save_file({{"y": y, "t": t}}, {str(tmp_path / "y.safetensors")!r})
+print(type(m).__name__, m.config.num_hidden_layers, any(k.startswith("consensus_gates")
+                                                         for k in sys.modules))
+"""
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    kept = sum(_alternate(gated).values())
+    assert done.stdout.split() == [type(tiny(arch)).__name__, str(kept), "False"]
+    got = load_file(str(tmp_path / "y.safetensors"))
+    with torch.no_grad():
+        # another process: the same model, not necessarily the same rounding
+        torch.testing.assert_close(got["y"], slim(**x).logits, rtol=1e-5, atol=1e-6)
+        tokens = slim.generate(x["input_ids"][:1], max_new_tokens=6, do_sample=False)
+    assert torch.equal(got["t"], tokens)
