@@ -149,12 +149,77 @@ FOUND = {
         mode="channel",
     ),
     "a size reference moved up twice for two dims of one constant": Case(  # fx/fold.py
-        _net("2d",
-             Block(5, stride=2, branches=(Branch(preact=True, se="linear"),), shortcut="pad",
-                   post_act=False),
-             Block(4, shortcut="conv", post_act=False), cin=1, head=False),
-        mode="channel", bits=(False,), whole=(False,),
-    ),  # fmt: skip
+        _net(
+            "2d",
+            Block(
+                5,
+                stride=2,
+                branches=(Branch(preact=True, se="linear"),),
+                shortcut="pad",
+                post_act=False,
+            ),
+            Block(4, shortcut="conv", post_act=False),
+            cin=1,
+            head=False,
+        ),
+        mode="channel",
+        bits=(False,),
+        whole=(False,),
+    ),
+    # fx/fold.py: a sigmoid of equal values rounds differently in a vectorized kernel's tail,
+    # and the real weights decided what was uniform; load folded otherwise (issue 25)
+    "a wide SE fed by an emptied width: load refuses the file": Case(
+        _net(
+            "2d",
+            Block(
+                4,
+                branches=(Branch("bottleneck", 28, groups="grouped", se="conv", se_at="mid"),),
+                post_act=False,
+            ),
+            head=False,
+        ),
+        mode="channel",
+        whole=(True, False),
+    ),
+    "a wide Linear SE fed by an emptied width: load refuses the file": Case(
+        _net(
+            "vec",
+            Block(4, branches=(Branch("mlp", 19, se="linear", se_at="mid"),), post_act=False),
+            head=False,
+        ),
+        mode="channel",
+        bits=(False,),
+        whole=(False,),
+    ),
+    "a wide Linear SE fed by an emptied width: the reloaded model differs": Case(
+        _net(
+            "vec",
+            Block(
+                4,
+                branches=(Branch("mlp", 19, preact=True, se="linear", se_at="mid"),),
+                post_act=False,
+            ),
+            head=False,
+        ),
+        mode="channel",
+        bits=(False,),
+        whole=(False,),
+    ),
+    # fx/fold.py, while only the probes decided: positive probe weights saturate an SE's
+    # sigmoid to 1 in every channel, which looked uniform
+    "an SE's sigmoid that the probe weights saturate": Case(
+        _net(
+            "2d",
+            Block(4, branches=(Branch(se="conv"),), shortcut="bare", post_act=False),
+            Block(4, branches=(Branch(), Branch()), shortcut="bare", post_act=False),
+            cin=1,
+            head=False,
+        ),
+        mode="channel",
+        position="before",
+        bits=(False,),
+        whole=(False,),
+    ),
 }
 
 
