@@ -32,6 +32,10 @@ class CompilerNotFound(RuntimeError):
     """AOTInductor was asked for, and there is no C++ compiler to run."""
 
 
+class BenchmarkFailed(RuntimeError):
+    """A timing process (`bench.compare`) failed or ran past its timeout."""
+
+
 def file_step(what: str, step: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)`, a step of rebuilding what a file describes: any failure comes
     from what the file asked for, and is a ModelFileError naming the file and the step."""

@@ -260,3 +260,38 @@ def test_target_reaching_benchmark_quick_mode_meets_its_target(tmp_path):
     target, ratio, fvcore, within = (row[i].strip() for i in (3, 4, 5, 7))
     assert target == "0.45" and abs(float(ratio) - 0.45) <= 0.03 and within.startswith("yes")
     assert abs(float(fvcore) - float(ratio)) <= 0.01  # the estimate is what fvcore counts
+
+
+def test_cgates_bench_rates_a_language_model_in_sequences_per_second(tmp_path):
+    """Token inputs are timed as sequences: the table says seq/s, the JSON says what a
+    sample is; an image model keeps img/s."""
+    from click.testing import CliRunner
+
+    from consensus_gates.cli import main
+
+    from hf_models import inputs, tiny
+
+    cg.save(cg.insert_gates(tiny("llama"), inputs("llama")), tmp_path / "gated.safetensors")
+    argv = ["bench", str(tmp_path / "gated.safetensors"), "--batch", "2", "--rounds", "1",
+            "--runs", "2", "--warmup", "1", "--threads", "1"]  # fmt: skip
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if line.startswith("model"))
+    assert "seq/s" in header and "img/s" not in header
+    result = CliRunner().invoke(main, [*argv, "--json"])
+    assert result.exit_code == 0, result.output
+    assert [m["sample"] for m in json.loads(result.output)["results"]] == ["sequence"]
+    image = measure(cg.create_model("resnet20"), (3, 8, 8), 1, BenchConfig(warmup=0, runs=1))
+    assert image.sample == "image"
+
+
+def test_a_failed_or_hung_worker_is_benchmark_failed():
+    """Its own class, so that the command line catches it and no RuntimeError of ours."""
+    from consensus_gates.errors import BenchmarkFailed
+
+    config = BenchConfig(warmup=0, runs=1)
+    with pytest.raises(BenchmarkFailed, match=r"benchmark of no_such_model failed:\n"):
+        compare({"no_such_model": "no_such_model"}, (3, 8, 8), [1], config, rounds=1)
+    with pytest.raises(BenchmarkFailed, match="benchmark of r20 took more than 0.01 s"):
+        compare({"r20": "resnet20"}, (3, 8, 8), [1], config, rounds=1, timeout=0.01)
+    assert issubclass(BenchmarkFailed, RuntimeError)

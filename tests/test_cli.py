@@ -90,3 +90,46 @@ def test_inspect_errors_are_one_clear_line():
     assert bad_arg.exit_code == 2 and "KEY=VALUE" in bad_arg.output
     bad_shape = runner.invoke(main, ["inspect", "resnet20", "--input-shape", "3xx"])
     assert bad_shape.exit_code == 2 and "C,H,W" in bad_shape.output
+
+
+def test_a_bug_in_our_code_keeps_its_traceback_a_bad_file_is_one_line(tmp_path, monkeypatch):
+    """The commands catch the library's errors for bad input, nothing wider: a TypeError
+    from inside is a bug, and shows as one."""
+    import importlib
+
+    inspect_cli = importlib.import_module("consensus_gates.cli.inspect")
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in our own code")
+
+    monkeypatch.setattr(inspect_cli, "branch_costs", broken)
+    result = CliRunner().invoke(main, ["inspect", "resnet20"])
+    assert type(result.exception) is TypeError and result.exit_code == 1
+    assert "a bug in our own code" in str(result.exception)
+    monkeypatch.undo()
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    result = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: ") and str(bad) in line and "Traceback" not in result.output
+
+
+def test_no_command_catches_what_hides_bugs():
+    """Every `except` in consensus_gates/cli names library errors, ValueError, OSError or
+    ModuleNotFoundError: never Exception, TypeError, RuntimeError, AttributeError, KeyError."""
+    import ast
+
+    cli = Path(consensus_gates.__file__).parent / "cli"
+    allowed = {"ValueError", "OSError", "FileNotFoundError", "ModuleNotFoundError",
+               "ModelFileError", "InputError", "DataError", "TrainingDiverged",
+               "CompilerNotFound", "TracingError", "BenchmarkFailed", "ConfigError",
+               "JSONDecodeError", "BadParameter", "USER_ERRORS"}  # fmt: skip
+    for path in sorted(cli.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ExceptHandler):
+                assert node.type is not None, f"{path.name}:{node.lineno}: a bare except"
+                kinds = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
+                names = {k.attr if isinstance(k, ast.Attribute) else k.id for k in kinds}
+                assert names <= allowed, f"{path.name}:{node.lineno} catches {names - allowed}"

@@ -304,3 +304,65 @@ def test_a_refused_value_is_one_line_naming_the_option(tmp_path, args, option):
     (error,) = [line for line in output.splitlines() if line.startswith("Error:")]
     assert f"Invalid value for '{option}'" in error, error
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------
+# Nothing is overwritten without --overwrite
+# --------------------------------------------------------------------------------------
+
+
+def test_slim_refuses_existing_files_before_loading_and_replaces_them_on_request(
+    tmp_path, monkeypatch
+):
+    from conftest import gated_file
+
+    checkpoint, out = gated_file(tmp_path), tmp_path / "slim"
+    out.mkdir()
+    for name in ("slim.safetensors", "slim.onnx"):
+        (out / name).write_bytes(b"keep me")
+    slim_cli = importlib.import_module("consensus_gates.cli.slim")
+    real = slim_cli.load_gated
+
+    def no_load(path):
+        raise AssertionError("loaded before refusing")
+
+    monkeypatch.setattr(slim_cli, "load_gated", no_load)
+    output = _clean_failure(CliRunner().invoke(main, ["slim", checkpoint, "-o", str(out),
+                                                      "--onnx"]))  # fmt: skip
+    (error,) = output.strip().splitlines()
+    assert f"{out / 'slim.safetensors'}, {out / 'slim.onnx'} already exist" in error
+    assert "--overwrite" in error
+    assert all((out / n).read_bytes() == b"keep me" for n in ("slim.safetensors", "slim.onnx"))
+
+    # without --onnx, slim.onnx is not written, and slim.safetensors alone is refused
+    output = _clean_failure(CliRunner().invoke(main, ["slim", checkpoint, "-o", str(out)]))
+    assert f"{out / 'slim.safetensors'} already exists" in output
+
+    monkeypatch.setattr(slim_cli, "load_gated", real)
+    result = CliRunner().invoke(main, ["slim", checkpoint, "-o", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert len(cg.load(out / "slim.safetensors").state_dict()) > 0
+    assert (out / "slim.pt2").is_file() and (out / "slim.onnx").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("name", ["gates.png", "curves.png"])
+def test_train_refuses_a_folder_with_the_plots_of_a_run(tmp_path, name):
+    """Training writes its plots too: a folder holding one is refused, before any data is
+    read (here there is none), and kept."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_bytes(b"keep me")
+    result, _ = _train(tmp_path, "--data", "fashion_mnist", "--data-root", str(tmp_path / "no"))
+    output = _clean_failure(result)
+    assert f"already holds a run ({name})" in output and "--overwrite" in output
+    assert (out / name).read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("name", ["slim.safetensors", "slim.pt2", "report.json", "gates.png"])
+def test_demo_refuses_a_folder_holding_any_file_it_writes(tmp_path, name):
+    (tmp_path / name).write_bytes(b"keep me")
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--data-root",
+                                       str(tmp_path / "no-data"), "--no-progress"])  # fmt: skip
+    output = _clean_failure(result)
+    assert f"already holds a run ({name})" in output and "--overwrite" in output
+    assert (tmp_path / name).read_bytes() == b"keep me"

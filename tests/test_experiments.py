@@ -510,3 +510,74 @@ def test_cli_errors(tmp_path):
     assert "expected seeds such as 0,1,2" in out
     out = _clean_error(runner.invoke(main, ["summary", str(tmp_path), "-o", "x.md"]), 1)
     assert "no results files under" in out
+
+
+def test_cli_summary_refuses_existing_files_unless_overwrite(tmp_path):
+    results = tmp_path / "results" / "s"
+    results.mkdir(parents=True)
+    records = [_record("s", "ours", "0.5", 0, 0.80, 0.50),
+               _record("s", "dense", "", 0, 0.90, 1.0, method="dense")]  # fmt: skip
+    for i, r in enumerate(records):
+        (results / f"{i}.json").write_text(json.dumps(r))
+    md, png = tmp_path / "r.md", tmp_path / "r-s.png"
+    argv = ["summary", str(tmp_path / "results"), "-o", str(md)]
+    runner = CliRunner()
+    png.write_bytes(b"keep me")  # a plot it would write is enough
+    out = _clean_error(runner.invoke(main, argv), 1)
+    assert f"Error: {png} already exists" in out and "--overwrite" in out
+    assert not md.exists() and png.read_bytes() == b"keep me"
+    png.unlink()
+    result = runner.invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    md.write_text("# mine\n")
+    out = _clean_error(runner.invoke(main, argv), 1)
+    assert f"Error: {md}, {png} already exist" in out
+    assert md.read_text() == "# mine\n"
+    result = runner.invoke(main, [*argv, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert md.read_text().startswith("# mine\n") and "| ours |" in md.read_text()
+
+
+def test_gate_only_train_keys_of_base_apply_to_the_runs_with_gates_only(tmp_path):
+    """`progressive = true` in [base.train] cuts gates out of the gated runs; the dense and
+    baseline runs train no gates, and get the rest of [base.train] without it."""
+    from consensus_gates.training.config import TrainConfig
+
+    base = BASE.replace("progress = false", "progress = false\nprogressive = true\n"
+                        "settle_steps = 5")  # fmt: skip
+    runs = """
+[[runs]]
+label = "dense"
+method = "dense"
+
+[[runs]]
+label = "ours"
+target = 0.5
+
+[[runs]]
+label = "tp"
+method = "tp-magnitude"
+target = 0.5
+epochs = 2
+
+[[runs]]
+label = "density"
+method = "density"
+density_scale = 0.5
+"""
+    by_label = {r.label: r for r in load_study(_study(tmp_path, runs, base=base)).runs}
+    ours = by_label.pop("ours").train
+    assert (ours.progressive, ours.settle_steps, ours.lambda_polar) == (True, 5, 3.0)
+    for label, run in by_label.items():
+        assert not run.train.progressive, label
+        assert run.train.settle_steps == TrainConfig().settle_steps, label
+        assert run.train.lambda_polar == 3.0 and not run.train.progress, label  # the rest
+    assert METHODS["gates"].gates and not METHODS["dense"].gates
+
+    # in a gateless run's own [train] it is a mistake, said when the study is read
+    path = _study(tmp_path, '\n[[runs]]\nlabel = "d"\nmethod = "dense"\n'
+                  "train = { progressive = true }\n")  # fmt: skip
+    message = (r"run 'd' \[train\]: 'progressive' is for runs with gates, and method 'dense' "
+               r"trains none: remove it")  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"^{path}: {message}"):
+        load_study(path)

@@ -249,3 +249,25 @@ def test_malformed_checkpoint_spec_is_one_line(tmp_path, gated_file):
             [*command, str(tmp_path / "checkpoint.pt")],
             r"config\.hidden must be an integer >= 1 and <= 4096, got 100000",
         )
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_inspect_a_transformer_counts_branches_per_token_as_the_total(tmp_path, arch):
+    """`flops` of a Hugging Face model is per token of input_ids: the branches' shares are
+    of that same count, so none exceeds the whole and together they make the gated part."""
+    from hf_models import inputs, tiny
+
+    gated = cg.insert_gates(tiny(arch), inputs(arch, length=32))
+    cg.save(gated, tmp_path / "gated.safetensors")
+    report = json.loads(_inspect(tmp_path / "gated.safetensors", "--json"))
+    assert report["flops_per"] == "token"
+    blocks = report["blocks"]
+    assert all(0 < b["flops"] <= report["gated_flops"] < report["flops"] for b in blocks)
+    total = sum(b["flops"] for b in blocks)
+    assert abs(total - report["gated_flops"]) <= len(blocks)  # each rounded to an integer
+    table = _inspect(tmp_path / "gated.safetensors")
+    shares = [float(s) for s in re.findall(r"([\d.]+)%\s+[\d,]+\s+yes", table)]
+    assert len(shares) == len(blocks) and max(shares) <= 100
+    held = float(re.search(r"residual branches hold ([\d.]+)% of the FLOPs per token", table)[1])
+    assert sum(shares) == pytest.approx(held, abs=0.1 * len(shares))
+    assert "MFLOPs per token" in table.splitlines()[0]

@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from ..cost import flops
+from ..errors import BenchmarkFailed
 from ..hf.inputs import token_vocabulary
 from .measure import BenchConfig, Measurement, measure, random_batches
 
@@ -73,17 +74,23 @@ def _check_onnx_config(config: BenchConfig) -> None:
 
 
 def _run_worker(job: dict[str, Any], timeout: float) -> Measurement:
-    """Time one model at one batch size in a fresh Python process."""
+    """Time one model at one batch size in a fresh Python process; BenchmarkFailed if it
+    fails or runs past `timeout` seconds."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "consensus_gates.bench.compare", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "consensus_gates.bench.compare", json.dumps(job)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchmarkFailed(f"benchmark of {job['name']} took more than {timeout:g} s "
+                              f"(batch {job['batch']}); time fewer runs or a smaller batch"
+                              ) from None  # fmt: skip
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark of {job['name']} failed:\n{proc.stderr.strip()[-2000:]}")
+        raise BenchmarkFailed(f"benchmark of {job['name']} failed:\n{proc.stderr.strip()[-2000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out.pop("throughput")
     out["spread_ms"] = tuple(out["spread_ms"]) if out["spread_ms"] else None

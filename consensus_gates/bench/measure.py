@@ -114,10 +114,11 @@ class Measurement:
     params: int | None = None
     spread_ms: tuple[float, float] | None = None  # min and max of the per-process medians
     extra: dict[str, Any] = field(default_factory=dict)
+    sample: str = "image"  # what a batch row is: "image", or "sequence" of token ids
 
     @property
     def throughput(self) -> float:
-        """Images per second."""
+        """Samples (images or sequences) per second."""
         return self.batch / (self.median_ms / 1e3)
 
     def to_dict(self) -> dict[str, Any]:
@@ -314,4 +315,5 @@ def measure(
         ),
         # memory the allocator had returned to the OS and touched again: `keep_freed_memory`
         extra={"page_faults_per_run": runs.page_faults / config.runs, **extra},
+        sample="image" if vocabulary is None else "sequence",
     )

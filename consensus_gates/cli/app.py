@@ -10,7 +10,14 @@ import click
 
 from .. import __version__
 from ..bench.measure import keep_freed_memory
+from ..errors import BenchmarkFailed, CompilerNotFound, TracingError, TrainingDiverged
 from ..training.runs import check_folder, run_files
+
+# What a command reports in one line: the library's errors for bad input (ModelFileError,
+# InputError, ConfigError are ValueErrors, DataError an OSError), a path that cannot be read
+# or written, a missing extra. Nothing wider: a TypeError from inside is a bug to show.
+USER_ERRORS = (ValueError, OSError, ModuleNotFoundError, TracingError, TrainingDiverged,
+               CompilerNotFound, BenchmarkFailed)  # fmt: skip
 
 
 @click.group()
@@ -45,9 +52,16 @@ def out_folder(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return value
 
 
-def refuse_existing_run(out: Path, overwrite: bool, *, resumable: bool = False) -> None:
-    """Stop before training into a folder that holds a run, unless told to overwrite it."""
-    found = run_files(out)
+PLOTS = ("gates.png", "curves.png")  # written beside a run's files, every epoch
+
+
+def refuse_existing_run(
+    out: Path, overwrite: bool, *, resumable: bool = False, also: tuple[str, ...] = ()
+) -> None:
+    """Stop before training into a folder that holds a run (or its plots, or any of the
+    files named in `also`), unless told to overwrite it."""
+    # the run's own files name it; the others (plots, `also`) matter where those are gone
+    found = run_files(out) or [name for name in (*PLOTS, *also) if (out / name).exists()]
     if found and not overwrite:
         resume = "continue it with --resume, " if resumable else ""
         raise click.ClickException(
@@ -56,9 +70,26 @@ def refuse_existing_run(out: Path, overwrite: bool, *, resumable: bool = False) 
         )
 
 
+def refuse_existing_files(paths: list[Path], overwrite: bool, option: str = "--out") -> None:
+    """Stop before any work where a file the command would write exists, unless told to
+    overwrite: one line naming them."""
+    found = [str(p) for p in paths if p.exists()]
+    if found and not overwrite:
+        verb = "exists" if len(found) == 1 else "exist"
+        raise click.ClickException(
+            f"{', '.join(found)} already {verb}: write to another {option}, or replace "
+            f"{'it' if len(found) == 1 else 'them'} with --overwrite"
+        )
+
+
 overwrite_option = click.option(
     "--overwrite", is_flag=True, help="replace the run that OUT holds (its checkpoint and metrics)"
 )
+
+
+def overwrite_files_option(what: str):
+    """--overwrite for a command that writes `what`."""
+    return click.option("--overwrite", is_flag=True, help=f"replace {what} if it exists")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ from ..saving.files import load, read_spec, save
 from ..saving.onnx_files import check_onnx, example_shapes
 from ..saving.pt2 import load_program
 from ..slimming import materialize
-from .app import main, model_arg_option, parse_model_args, parse_shape
+from .app import USER_ERRORS, main, model_arg_option, parse_model_args, parse_shape
 from .slim import load_gated
 
 TOKENS = 128  # the sequence length a Hugging Face folder is timed at, by default
@@ -57,10 +57,8 @@ def _expand(models: tuple[str, ...], tmp: Path) -> tuple[dict[str, str], tuple[i
             refs[path.name] = ref
         elif path.is_dir() and (path / "config.json").is_file():  # a save_pretrained folder
             model = load_for_bench(path)
-            vision = model.main_input_name == "pixel_values"
-            folder_shape = (3, model.config.image_size, model.config.image_size) if vision else (
-                (TOKENS,)
-            )
+            size = model.config.image_size if model.main_input_name == "pixel_values" else None
+            folder_shape = (TOKENS,) if size is None else (3, size, size)
             refs[path.name] = ref
         elif path.suffix == ".safetensors" or path.is_file():
             load(path)  # as the workers will, so that a malformed file fails here
@@ -123,7 +121,7 @@ def bench_command(models: tuple[str, ...], batch_text: str, device: str, dtype: 
             kwargs = parse_model_args(model_args)
             results = compare(refs, shape, batches, config, rounds=rounds,
                               model_args={k: kwargs for k in refs})  # fmt: skip
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+    except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
     baseline = next(iter(refs))
     r = ratios(results, baseline)
@@ -142,7 +140,15 @@ def bench_command(models: tuple[str, ...], batch_text: str, device: str, dtype: 
                f"processes; ratios against {baseline}"
                f"{'; freed memory kept' if keep_memory else ''}"
                f"{'; compiled by AOTInductor' if aot else ''}")  # fmt: skip
-    click.echo(f"{'model':<32}{'batch':>6}{'ms':>10}{'p90 ms':>10}{'img/s':>10}{'peak MB':>9}"
+    _print_table(results, r)
+
+
+def _print_table(results: list, r: dict) -> None:
+    samples = {m.sample for m in results}  # several: image and token models together
+    rate = (
+        "samples/s" if len(samples) > 1 else {"image": "img/s", "sequence": "seq/s"}[samples.pop()]
+    )
+    click.echo(f"{'model':<32}{'batch':>6}{'ms':>10}{'p90 ms':>10}{rate:>10}{'peak MB':>9}"
                f"{'MFLOPs':>10}{'latency x':>10}{'FLOPs x':>9}")  # fmt: skip
     for m in results:
         q = r[(m.model, m.batch)]

@@ -25,7 +25,7 @@ from ..saving.files import export, save
 from ..training.config import TrainConfig
 from ..training.data import make_loaders
 from ..training.trainer import evaluate, train
-from .app import main, out_folder, overwrite_option, refuse_existing_run
+from .app import USER_ERRORS, main, out_folder, overwrite_option, refuse_existing_run
 from .slim import print_report, slim_report
 
 
@@ -52,7 +52,7 @@ def demo(
     of the network as they settle, so it trains faster as it shrinks. About 4 minutes
     on 2 CPU cores. Prints accuracy, FLOPs, parameters and latency before and after; OUT
     gets the training outputs, the slim model (slim.safetensors, slim.pt2) and report.json.
-    An OUT that holds a run (an earlier demo) is kept unless --overwrite.
+    An OUT that holds any of these (an earlier demo) is kept unless --overwrite.
 
     \b
     Examples:
@@ -62,13 +62,17 @@ def demo(
     """
     began = time.time()
     out = Path(out_dir)
-    refuse_existing_run(out, overwrite)
-    model, gated, x, test_loader, training = _train(data_root, out, overwrite, epochs, subset,
-                                                    target, not no_progress)  # fmt: skip
-    click.echo("\n2/3 cutting out the consensus sub-network")
-    report = {**_cut(gated, x, test_loader, out), "training": training}
-    click.echo(f"\n3/3 timing both models, batch {batch}, each in its own process")
-    _time(report, model, x, out / "slim.pt2", batch, rounds)
+    refuse_existing_run(out, overwrite, also=("slim.safetensors", "slim.pt2", "report.json"))
+    try:
+        model, gated, x, test_loader, training = _train(
+            data_root, out, overwrite, epochs, subset, target, not no_progress
+        )
+        click.echo("\n2/3 cutting out the consensus sub-network")
+        report = {**_cut(gated, x, test_loader, out), "training": training}
+        click.echo(f"\n3/3 timing both models, batch {batch}, each in its own process")
+        _time(report, model, x, out / "slim.pt2", batch, rounds)
+    except USER_ERRORS as e:  # a diverged training, a failed timing process, a full disk
+        raise click.ClickException(str(e)) from e
     report["seconds"] = round(time.time() - began)
     _print(report, batch, rounds)
     with atomic_path(out / "report.json") as tmp_file:

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import click
 
-from ..errors import DataError, TrainingDiverged
 from ..experiments import (
     ConfigError,
     StudyConfig,
@@ -16,7 +15,7 @@ from ..experiments import (
     run_study,
     time_study,
 )
-from .app import main, out_folder
+from .app import USER_ERRORS, main, out_folder
 
 
 def _seeds(text: str | None) -> list[int] | None:
@@ -38,7 +37,7 @@ def _errors_of(study: StudyConfig) -> Iterator[None]:
     """A user's mistake in `study` as one line that names its file."""
     try:
         yield
-    except (DataError, TrainingDiverged, ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         raise click.ClickException(f"{study.path}: {e}") from e
 
 

@@ -15,11 +15,12 @@ from ..errors import ModelFileError
 from ..fx.graph_module import Gated, example_inputs_of
 from ..fx.insert import insert_gates
 from ..hf.gating import GatedTransformer
+from ..hf.inputs import per_token_divisor
 from ..models import CifarResNet, create_model
 from ..saving.files import decisions_of, load, read_spec, rebuild_gated
 from ..slimming import materialize
 from ..training.checkpoint import model_from_checkpoint
-from .app import main, model_arg_option, parse_model_args, parse_shape
+from .app import USER_ERRORS, main, model_arg_option, parse_model_args, parse_shape
 
 Decisions = dict[str, Any]
 
@@ -101,7 +102,7 @@ def inspect(
     try:
         gated, decisions, x = _build(model_or_file, parse_model_args(model_args), input_shape)
         report = _report(model_or_file, gated, decisions, x)
-    except (ValueError, TypeError, OSError) as e:
+    except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -110,6 +111,8 @@ def inspect(
 
 
 def _report(name: str, gated: Gated, decisions: Decisions | None, x: Any) -> dict[str, Any]:
+    # `flops` counts a text model per token of input_ids, branch_costs the whole input
+    tokens = per_token_divisor(gated, x)
     costs = branch_costs(gated, x)
     total = flops(materialize(gated, dict.fromkeys(gated.gates, True)), x)
     ungated = flops(materialize(gated, dict.fromkeys(gated.gates, False)), x)
@@ -118,9 +121,10 @@ def _report(name: str, gated: Gated, decisions: Decisions | None, x: Any) -> dic
         "input_shape": input_shapes(x),
         "flops": total.flops,
         "params": total.params,
+        "flops_per": "token" if isinstance(x, dict) and "input_ids" in x else "sample",
         "gated_flops": total.flops - ungated.flops,  # what closing every gate would remove
         "blocks": [
-            {"name": n, "flops": c.flops, "params": c.params}
+            {"name": n, "flops": round(c.flops / tokens), "params": c.params}
             | ({"open": decisions[n]} if decisions else {})
             for n, c in costs.items()
         ],
@@ -150,10 +154,10 @@ def _print_table(r: dict[str, Any]) -> None:
     n_blocks = len({b["name"].split("/")[0] for b in blocks})
     gates = f", {len(blocks)} gates" if len(blocks) != n_blocks else ""
     shape = r["input_shape"]
-    shown = ", ".join(f"{k} {tuple(v)}" for k, v in shape.items()) if isinstance(shape, dict) else (
-        tuple(shape)
-    )
-    per = " per token" if isinstance(shape, dict) and "input_ids" in shape else ""
+    shown = tuple(shape)
+    if isinstance(shape, dict):
+        shown = ", ".join(f"{k} {tuple(v)}" for k, v in shape.items())
+    per = " per token" if r["flops_per"] == "token" else ""
     click.echo(
         f"{r['model']}: input {shown}, {r['flops'] / 1e6:,.2f} MFLOPs{per}, "
         f"{r['params']:,} parameters, {n_blocks} residual blocks{gates}"
@@ -164,7 +168,9 @@ def _print_table(r: dict[str, Any]) -> None:
         share = 100 * b["flops"] / r["flops"]
         row = f"{b['name']:<48}{b['flops'] / 1e6:>10.2f}{share:>8.1f}%{b['params']:>12,}"
         click.echo(row + (f"{_kept(b['open']):>8}" if "open" in b else ""))
-    click.echo(f"residual branches hold {100 * r['gated_flops'] / r['flops']:.1f}% of the FLOPs")
+    click.echo(
+        f"residual branches hold {100 * r['gated_flops'] / r['flops']:.1f}% of the FLOPs{per}"
+    )
     if "kept" in r:
         layer = [b["open"] for b in blocks if isinstance(b["open"], bool)]
         channel = [b["open"] for b in blocks if not isinstance(b["open"], bool)]
@@ -173,7 +179,7 @@ def _print_table(r: dict[str, Any]) -> None:
             parts.append(f"{sum(map(sum, channel))}/{sum(map(len, channel))} channels")
         kept = r["kept"]
         click.echo(
-            f"kept: {', '.join(parts)}, {kept['flops'] / 1e6:,.2f} MFLOPs "
+            f"kept: {', '.join(parts)}, {kept['flops'] / 1e6:,.2f} MFLOPs{per} "
             f"({kept['flops'] / r['flops']:.3f} of the full model), {kept['params']:,} parameters"
         )
     for refused in r["refused"]:

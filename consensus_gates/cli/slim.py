@@ -12,7 +12,7 @@ from torch import nn
 
 from ..consensus import consensus, fix_decisions, kept_fraction, unfix_decisions
 from ..cost import flops
-from ..errors import CompilerNotFound, ModelFileError
+from ..errors import ModelFileError
 from ..fx.graph_module import Gated, cut_decisions, example_inputs_of
 from ..hf import main_output, repeat_rows
 from ..hf.gating import GatedTransformer
@@ -22,7 +22,7 @@ from ..saving.onnx_files import require_onnx
 from ..slimming import materialize
 from ..training.checkpoint import model_from_checkpoint
 from ..training.runs import check_folder
-from .app import main
+from .app import USER_ERRORS, main, overwrite_files_option, refuse_existing_files
 from .inspect import input_shapes
 
 
@@ -108,14 +108,16 @@ def print_report(r: dict[str, Any]) -> None:
               help="also write OUT/slim.onnx, for onnxruntime (the onnx extra)")  # fmt: skip
 @click.option("--aot", is_flag=True, help="also write OUT/slim.aoti.pt2, compiled by "
               "AOTInductor for this machine (needs a C++ compiler; tens of seconds)")  # fmt: skip
+@overwrite_files_option("the slim files in OUT")
 def slim_command(checkpoint: str, out_dir: str | None, threshold: float, as_json: bool,
-                 onnx_: bool, aot: bool) -> None:  # fmt: skip
+                 onnx_: bool, aot: bool, overwrite: bool) -> None:  # fmt: skip
     """Cut the consensus sub-network out of a trained gated model.
 
     CHECKPOINT is the trainer's checkpoint.pt (or a gated model saved with `save`). Writes
     OUT/slim.safetensors (load with consensus_gates.load) and OUT/slim.pt2 (torch.export,
     loads with plain torch), with --onnx also OUT/slim.onnx and with --aot the AOTInductor
     package OUT/slim.aoti.pt2, then prints parameters, FLOPs and gates kept, before and after.
+    Files already in OUT are kept unless --overwrite.
 
     \b
     Examples:
@@ -129,18 +131,21 @@ def slim_command(checkpoint: str, out_dir: str | None, threshold: float, as_json
         if aot:
             require_compiler()
         out = check_folder(out_dir or Path(checkpoint).parent / "slim")
+        files = [out / "slim.safetensors", out / "slim.pt2"]
+        files += [out / "slim.onnx"] * onnx_ + [out / f"slim{AOT_SUFFIX}"] * aot
+        refuse_existing_files(files, overwrite, "-o")  # before loading and cutting
         gated = load_gated(checkpoint)
         transformer = isinstance(gated, GatedTransformer)
         if transformer and (onnx_ or aot):
             raise ValueError("--onnx and --aot are for image models, not Hugging Face models yet")
         slim, report = slim_report(gated, threshold)
-        files = [out / "slim.safetensors"] + [out / "slim.pt2"] * (not transformer)
-        files += [out / "slim.onnx"] * onnx_ + [out / f"slim{AOT_SUFFIX}"] * aot
+        if transformer:  # no torch.export program for a Hugging Face model yet
+            files.remove(out / "slim.pt2")
         save(slim, files[0])
         x = repeat_rows(example_inputs_of(gated), 2)
         for path in files[1:]:
             export(slim, x, path)  # batch 2: torch.export specializes a batch of 1
-    except (ModelFileError, FileNotFoundError, ValueError, ImportError, CompilerNotFound) as e:
+    except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
     report["files"] = [str(f) for f in files]
     if as_json:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from .._utils import atomic_path
 from ..config import GateConfig
 from ..consensus import consensus
-from ..errors import DataError, ModelFileError, TrainingDiverged
+from ..errors import ModelFileError
 from ..fx.graph_module import GatedModel
 from ..fx.insert import insert_gates
 from ..models.registry import create_model_for
@@ -30,6 +30,7 @@ from ..training.data import DATASETS, DataInfo, make_loaders
 from ..training.runs import CHECKPOINT, RUN, check_resume
 from ..training.trainer import train
 from .app import (
+    USER_ERRORS,
     main,
     model_arg_option,
     out_folder,
@@ -151,7 +152,7 @@ def train_command(model: str, data_name: str, data_root: str, download: bool, ba
         train(gated, train_loader, test_loader, config, out_dir=out, device=device,
               resume=resume, overwrite=not resume, identity=data.identity(),
               log=click.echo)  # fmt: skip
-    except (DataError, ModelFileError, TrainingDiverged, ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
     finally:
         if distributed:

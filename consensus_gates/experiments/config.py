@@ -19,6 +19,7 @@
     head = "ste"
     [base.train]                                # TrainConfig fields, except epochs/target/seed
     lambda_polar = 3.0
+    progressive = true                          # gated runs only (see below)
     [base.latency]                              # LatencyConfig fields
     batch = 64
 
@@ -33,6 +34,11 @@ dataclass (see `methods`), checked against those fields' types. In ``[base]`` a 
 method may appear (it applies to the runs whose method has it); in a run, only a key of
 that run's method. A ``density`` run, which has no FLOPs target, may list
 ``density_scale = [0.8, 1.2]`` instead: one run per scale (an option marked `SWEEP`).
+
+The train keys only gated training knows, ``progressive`` and ``settle_steps``, apply from
+``[base.train]`` to the runs whose method trains gates (``gates``); the dense and baseline
+runs train with the rest of ``[base.train]`` and those at their defaults. In such a run's own
+``train`` they are refused.
 
 Every key is checked: an unknown one, a wrong type or a bad value raises `ConfigError` naming
 the file, the run and the key, so a typo cannot silently fall back to a default.
@@ -231,6 +237,8 @@ _TABLES = {"gates": GateConfig, "train": TrainConfig, "latency": LatencyConfig}
 _RUN_KEYS = (*_SCALARS, "targets", "model_args", *_TABLES)
 _STUDY_KEYS = ("name", "title", "description", "seeds", "base", "runs")
 _REQUIRED = ("method", "model", "dataset", "epochs")
+# TrainConfig fields for gated training only: from [base.train], the runs with gates get them
+_GATED_TRAIN_KEYS = ("progressive", "settle_steps")
 # TrainConfig fields the runner fills in; set at the run level instead
 _SET_BY_RUN = {
     "epochs": "set 'epochs' on the run (or in [base]): methods split it themselves",
@@ -404,6 +412,20 @@ def _sub_config(cls: type, table: Mapping[str, Any], where: str, **filled: Any) 
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _without_gate_keys(
+    train: dict[str, Any], own: Any, method: Method, where: str
+) -> dict[str, Any]:
+    """The [train] table of a run whose method trains no gates: the keys only gated training
+    knows are dropped where [base.train] gives them, and refused in the run's own."""
+    for key in _GATED_TRAIN_KEYS:
+        if isinstance(own, dict) and key in own:
+            raise ConfigError(
+                f"{where} [train]: {key!r} is for runs with gates, and method {method.name!r} "
+                "trains none: remove it"
+            )
+    return {k: v for k, v in train.items() if k not in _GATED_TRAIN_KEYS}
+
+
 def _build_runs(base: dict[str, Any], entry: Mapping[str, Any], where: str) -> list[RunConfig]:
     merged = _merge(base, entry)
     missing = [k for k in _REQUIRED if k not in merged]
@@ -415,6 +437,8 @@ def _build_runs(base: dict[str, Any], entry: Mapping[str, Any], where: str) -> l
     method = METHODS.get(merged["method"])
     settings = _option_values(merged, method, where)
     tables = {k: merged.pop(k, {}) for k in _TABLES}
+    if method is not None and not method.gates:
+        tables["train"] = _without_gate_keys(tables["train"], entry.get("train"), method, where)
     gates = _sub_config(GateConfig, tables["gates"], f"{where} [gates]")
     latency = _sub_config(LatencyConfig, tables["latency"], f"{where} [latency]")
     recipe = _sub_config(TrainConfig, tables["train"], f"{where} [train]",

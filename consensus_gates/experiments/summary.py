@@ -149,7 +149,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
         "latency ratio",
         "total epochs",
         "train time (min)",
-    ] + ["train FLOPs ratio"] * compute + ["train time ratio"] * times + ["final R_polar"] * polar
+    ]
+    head += ["train FLOPs ratio"] * compute + ["train time ratio"] * times
+    head += ["final R_polar"] * polar
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -221,18 +223,38 @@ def pareto_figure(rows: Sequence[Row], zoom: float = 20.0) -> Figure:
     return fig
 
 
+def _rows(dirs: list[str | Path]) -> list[Row]:
+    rows = aggregate(load_results(dirs))
+    if not rows:
+        raise ValueError(f"no results files under {', '.join(map(str, dirs))}")
+    return rows
+
+
+def _plots(rows: Sequence[Row], out: Path) -> dict[str, Path]:
+    """Study → its Pareto plot beside `out`, for the studies that compare methods."""
+    studies = dict.fromkeys(r.study for r in rows)
+    return {s: out.with_name(f"{out.stem}-{s}.png") for s in studies
+            if len({r.method for r in rows if r.study == s}) > 1}  # fmt: skip
+
+
+def summary_files(dirs: Iterable[str | Path], out: str | Path) -> list[Path]:
+    """The files `write_summary` would write for these results: `out` and its plots."""
+    out = Path(out)
+    return [out, *_plots(_rows(list(dirs)), out).values()]
+
+
 def write_summary(dirs: Iterable[str | Path], out: str | Path) -> list[Path]:
     """Write the tables of the results under `dirs` into the markdown file `out`, one
     section per study, and one Pareto plot per study with several methods beside it
-    (``<out stem>-<study>.png``); return the files written.
+    (``<out stem>-<study>.png``); return the files written (`summary_files` says which
+    they will be).
 
     Each study's section sits between ``<!-- begin STUDY -->`` and ``<!-- end STUDY -->``:
     in a hand-written doc that has them, only those spans change (`reports.write_sections`).
     """
     out, dirs = Path(out), list(dirs)
-    rows = aggregate(load_results(dirs))
-    if not rows:
-        raise ValueError(f"no results files under {', '.join(map(str, dirs))}")
+    rows = _rows(dirs)
+    plots = _plots(rows, out)
     written, sections = [], {}
     for study in dict.fromkeys(r.study for r in rows):
         group = [r for r in rows if r.study == study]
@@ -241,9 +263,8 @@ def write_summary(dirs: Iterable[str | Path], out: str | Path) -> list[Path]:
             f"### {group[0].title}\n\nStudy `{study}`, seeds {seeds}; mean ± sample std over "
             "seeds where n > 1.\n\n" + markdown_table(group)
         )
-        if len({r.method for r in group}) > 1:
-            png = out.with_name(f"{out.stem}-{study}.png")
-            written.append(save_figure(pareto_figure(group), png))
-            sections[study] += f"\n![{group[0].title}]({png.name})\n"
+        if study in plots:
+            written.append(save_figure(pareto_figure(group), plots[study]))
+            sections[study] += f"\n![{group[0].title}]({plots[study].name})\n"
     write_sections(out, sections, title="Results")
     return [out, *written]

@@ -106,16 +106,58 @@ def check_onnx(path: str | os.PathLike) -> Any:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{path} is not a readable ONNX model: {e}") from e
-    external = [t.name for t in proto.graph.initializer
-                if t.data_location == onnx.TensorProto.EXTERNAL]  # fmt: skip
+    external = _external_tensors(proto)
     if external:
         raise ModelFileError(
-            f"{path} keeps {len(external)} weights in external files ({external[0]}, ...); "
+            f"{path} keeps {len(external)} tensor(s) in external files, which onnxruntime "
+            f"would read from beside it ({external[0]}{', ...' if len(external) > 1 else ''}); "
             "give a self-contained .onnx (onnx.save(model, path, save_as_external_data=False))"
         )
     if not proto.graph.input:
         raise ModelFileError(f"{path} is an ONNX graph without inputs: nothing to run")
     return proto
+
+
+def _external_tensors(proto: Any) -> list[str]:
+    """Where the tensors of `proto` that keep their data in other files sit, anywhere: the
+    initializers, node attributes and local functions of the graph and of every subgraph
+    (If, Loop, Scan bodies), at any depth, walked without recursion."""
+    import onnx
+
+    def external(t: Any) -> bool:
+        return t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) > 0
+
+    found: list[str] = []
+    # (path, nodes, attributes, tensors): each work item is one graph, function or list
+    work: list[tuple[str, Any]] = [("graph" + _named(proto.graph), proto.graph)]
+    work += [(f"function '{f.domain}.{f.name}'", f) for f in proto.functions]
+    for i, info in enumerate(proto.training_info):
+        work += [(f"training_info {i} {part}", getattr(info, part))
+                 for part in ("initialization", "algorithm") if info.HasField(part)]  # fmt: skip
+    while work:
+        where, item = work.pop()
+        tensors = [(f"initializer {t.name!r}", t) for t in getattr(item, "initializer", ())]
+        for s in getattr(item, "sparse_initializer", ()):
+            tensors += [(f"sparse initializer {s.values.name!r}", t) for t in (s.values, s.indices)]
+        attributes = [("", a) for a in getattr(item, "attribute_proto", ())]  # a function's
+        for node in item.node:
+            label = f"node {node.name or node.op_type!r} "
+            attributes += [(label, a) for a in node.attribute]
+        for label, a in attributes:
+            here = f"{label}attribute {a.name!r}"
+            values = [a.t] if a.HasField("t") else []
+            values += [*a.tensors]
+            for s in [a.sparse_tensor] * a.HasField("sparse_tensor") + [*a.sparse_tensors]:
+                values += [s.values, s.indices]
+            tensors += [(here, t) for t in values]
+            graphs = [a.g] * a.HasField("g") + [*a.graphs]
+            work += [(f"{where} > {here} > graph{_named(g)}", g) for g in graphs]
+        found += [f"{where} > {what}" for what, t in tensors if external(t)]
+    return found
+
+
+def _named(graph: Any) -> str:
+    return f" {graph.name!r}" if graph.name else ""
 
 
 class OnnxRuntimeModel(nn.Module):

@@ -47,7 +47,10 @@ here, e.g. ``my_method.py``, and add it to the import of the built-ins below::
         fit(ctx, model, epochs=ctx.options.my_epochs)
         return MethodResult(model, ctx.run.epochs, reused)
 
-Checks that need the rest of the run (its epochs, say) go in the options' ``check(run)``;
+A method that trains a gated model registers with ``gates=True``: then ``progressive`` and
+``settle_steps`` of a study's ``[base.train]`` reach its runs (a method without gates gets
+them at their defaults). Checks that need the rest of the run (its epochs, say) go in the
+options' ``check(run)``;
 an option a study may list, one run per value, is declared with
 ``field(default=..., metadata=SWEEP)``. The test goes beside the built-ins' in
 ``tests/test_experiments.py``.

@@ -88,13 +88,14 @@ class MethodResult:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its function, whether a run of it takes a FLOPs target, and the
-    class of its options."""
+    """A registered method: its function, whether a run of it takes a FLOPs target, the
+    class of its options, and whether it trains a gated model (`gates`)."""
 
     name: str
     fn: Callable[[RunContext], MethodResult]
     target: TargetRule
     options: type[MethodOptions] = MethodOptions
+    gates: bool = False
 
     def __call__(self, ctx: RunContext) -> MethodResult:
         return self.fn(ctx)
@@ -104,7 +105,11 @@ METHODS: dict[str, Method] = {}
 
 
 def register_method(
-    name: str, *, target: TargetRule, options: type[MethodOptions] = MethodOptions
+    name: str,
+    *,
+    target: TargetRule,
+    options: type[MethodOptions] = MethodOptions,
+    gates: bool = False,
 ) -> Callable[[Callable[[RunContext], MethodResult]], Callable[[RunContext], MethodResult]]:
     """Register the decorated function as the method `name` of studies.
 
@@ -112,6 +117,9 @@ def register_method(
         target: ``"required"``: every run names a FLOPs target; ``"optional"``; ``"refused"``:
             the method's size is set otherwise (by an option, say).
         options: the method's options class, a frozen dataclass subclassing `MethodOptions`.
+        gates: the method trains a gated model, so the train keys that only gated training
+            knows (``progressive``, ``settle_steps``) reach its runs from ``[base.train]``;
+            a method without gates gets them at their defaults.
     """
     if target not in ("required", "optional", "refused"):
         raise ValueError(f"target must be 'required', 'optional' or 'refused', got {target!r}")
@@ -130,7 +138,7 @@ def register_method(
     def register(fn: Callable[[RunContext], MethodResult]) -> Callable[[RunContext], MethodResult]:
         if name in METHODS:
             raise ValueError(f"a method named {name!r} is registered already")
-        METHODS[name] = Method(name, fn, target, options)
+        METHODS[name] = Method(name, fn, target, options, gates)
         return fn
 
     return register

@@ -11,7 +11,7 @@ from ._registry import MethodResult, RunContext, register_method
 from ._training import fit
 
 
-@register_method("gates", target="optional")
+@register_method("gates", target="optional", gates=True)
 def gates(ctx: RunContext) -> MethodResult:
     """Ours: gates on every residual branch, one pass of training, the consensus cut out."""
     run = ctx.run
