@@ -48,6 +48,7 @@ _LAZY = {
     "train": "training",
     "evaluate": "training",
     "evaluate_loss": "training",
+    "GatesTrainer": "training.hf_trainer",  # needs transformers, the `hf` extra
 }
 
 
@@ -73,6 +74,7 @@ __all__ = [
     "GateConfig",
     "GateLosses",
     "GatedModel",
+    "GatesTrainer",
     "InputError",
     "LayerGate",
     "ModelFileError",

@@ -31,6 +31,9 @@ MAX_LEAF_RETRIES = 8
 # Flags that request extra outputs: False or None asks for nothing, as leaving them out does
 # (generate() passes them to an encoder's layers).
 OFF_FLAGS = frozenset({"output_attentions", "output_hidden_states", "return_dict"})
+# Read by the loss only, but passed down to every layer with the model's **kwargs (the
+# Trainer passes it whenever it accumulates gradients over a token count)
+LOSS_ONLY = frozenset({"num_items_in_batch"})
 
 
 def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -107,7 +110,8 @@ class LayerCall:
             raise TypeError(f"layer '{layer}' takes {len(self.positional)} positional arguments")
         values = self.values(args, kwargs)
         unknown = sorted(
-            k for k in set(values) - set(self.names) if not (k in OFF_FLAGS and not values[k])
+            k for k in set(values) - set(self.names) - LOSS_ONLY
+            if not (k in OFF_FLAGS and not values[k])
         )
         if unknown:
             raise TypeError(

@@ -1,6 +1,7 @@
 """The one-pass trainer and what surrounds it.
 
 `config` (the recipe, `TrainConfig`), `trainer` (`train`, `evaluate`, `evaluate_loss`),
+`hf_trainer` (`GatesTrainer`, the same for `transformers.Trainer`),
 `controller` (λ_act towards a sparsity target), `runs` (the output folder), `checkpoint`,
 `data` (data sets and loaders) and `plots`.
 """
