@@ -7,6 +7,7 @@ The result is still an instance of the model's class (a subclass made once per c
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from ..config import GateConfig
 from ..fx.gating import gate_graph, gate_whole_graph, match_model
 from ..fx.graph_module import META_KEY, Gated
+from ..gates.modules import Gate
 from .layer import TracedLayer, plain_attributes, traced_layer
 from .tracing import capture_calls, trace_layer, transformer_layers
 
@@ -101,10 +103,29 @@ def insert_transformer_gates(
         match_model(layer_gated, layer, layer_inputs[0])
         name, attributes = type(layer).__name__, plain_attributes(layer)
         set_module(gated, path, traced_layer(layer_gated, call, path, name, attributes))
+    _warn_ungated(list(gated_names(gated)), rejected)
     gated.__class__ = transformer_class(type(gated), GatedTransformer)
     gated.meta = {META_KEY: _meta(gated, inputs, config, rejected)}
     gated.train(was_training)
     return gated
+
+
+def gated_names(model: nn.Module) -> list[str]:
+    return [m.name for m in model.modules() if isinstance(m, Gate)]
+
+
+def _warn_ungated(gates: list[str], rejected: list[dict[str, str]]) -> None:
+    """One warning, a line per reason, naming the residual additions left without a gate;
+    an addition inside a gated branch (GELU's tanh formula) is the branch's own, not one."""
+    ungated: dict[str, list[str]] = {}
+    for r in rejected:
+        module = r["module"].rstrip(".")
+        if not any(module == g or module.startswith(g + ".") for g in gates):
+            ungated.setdefault(r["reason"], []).append(f"{module} ({r['node']})")
+    if ungated:
+        lines = [f"  {reason}: {', '.join(places)}" for reason, places in ungated.items()]
+        warnings.warn("insert_gates left residual additions without a gate (cgates inspect "
+                      "lists them):\n" + "\n".join(lines), stacklevel=3)  # fmt: skip
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:

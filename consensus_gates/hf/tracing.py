@@ -9,8 +9,10 @@ and baking in (with a guard) only those its code branches on.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
 import itertools
 import operator
 from collections.abc import Mapping
@@ -43,11 +45,22 @@ def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
     inner = [(n, m) for n, m in found if not any(o.startswith(n + ".") for o, _ in found)]
+    config = getattr(model, "config", None)
+    groups, layers = (getattr(config, k, None) for k in ("num_hidden_groups", "num_hidden_layers"))
+    if isinstance(groups, int) and isinstance(layers, int) and groups < layers:
+        raise TracingError(
+            f"{type(model).__name__} runs {groups} group(s) of layer weights "
+            f"{layers} times (num_hidden_groups={groups}): its layers share weights, so no "
+            "layer can be cut without cutting every layer that shares it; it is not supported"
+        )
     if not inner:
         raise TracingError(
             f"{type(model).__name__} has no transformer layers that consensus_gates can find "
-            "(transformers.modeling_layers.GradientCheckpointingLayer instances); gate its "
-            "layers' code with insert_gates on a plain nn.Module instead"
+            "(transformers.modeling_layers.GradientCheckpointingLayer instances). Trace it "
+            "whole instead: wrap it in an nn.Module whose forward(x) returns "
+            "self.hf(pixel_values=x).logits (or your input), and call insert_gates(wrapper, "
+            "x, leaf_modules=[...]) with the modules fx cannot trace (HF ConvNeXt: "
+            "leaf_modules=['hf.convnext.embeddings'])"
         )
     return inner
 
@@ -186,12 +199,14 @@ def trace_layer(
     values = call.values(args, kwargs)
     expected = _run_eager(layer, args, kwargs)
     free = [n for n in call.names if not _is_graph_input(values.get(n))]
-    leaves: set[str] = set()
     errors: list[str] = []
     attempts = [frozenset(hint), frozenset(), frozenset(free)] if hint else [
         frozenset(), frozenset(free)
     ]
     for baked in dict.fromkeys(attempts):
+        # leaves start afresh: a module that failed only with an argument left free
+        # (DeBERTa's attention, on `query_states is None`) traces once it is baked
+        leaves: set[str] = set()
         gm = _exact_trace(layer, path, call, values, baked, leaves, expected, errors)
         if gm is not None:
             break
@@ -202,12 +217,73 @@ def trace_layer(
             "fails, or gate this layer's class as a plain nn.Module"
         )
     for name in sorted(baked):  # free what the code does not branch on
-        trial = _exact_trace(layer, path, call, values, baked - {name}, leaves, expected, [])
-        if trial is not None:
+        more = set(leaves)  # freed, an argument must not cost a larger leaf
+        trial = _exact_trace(layer, path, call, values, baked - {name}, more, expected, [])
+        if trial is not None and more == leaves:
             gm, baked = trial, baked - {name}
     call.inputs = [n for n in call.names if n not in baked]
     call.concrete = {n: values.get(n) for n in call.names if n in baked}
+    if not values.get("output_attentions"):
+        _drop_attention_weights(gm, expected)
     return gm, call, [values.get(n) for n in call.inputs]
+
+
+SOFTMAX = {F.softmax, torch.softmax, torch.nn.functional.softmax}
+# what may stand between a softmax and the attention weights a layer returns
+_PASSING = {F.dropout, torch.dropout, "to", "type_as", "contiguous", "float", "dropout"}
+
+
+def _drop_attention_weights(gm: fx.GraphModule, expected: Any) -> None:
+    """A layer that returns its attention weights beside the hidden states (GPT-Neo, Bloom,
+    MPT) returns None there instead, when the call did not ask for them: the parent reads
+    them only with ``output_attentions`` (which `LayerCall.bind` refuses), and returned,
+    they would make the attention branch's values escape its block, so that it could not
+    be gated."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    result = output.args[0]
+    if not isinstance(result, (tuple, list)) or len(result) < 2:
+        return
+    kept = [result[0]] + [
+        None if _attention_weights(r) and _probabilities(expected[i]) else r
+        for i, r in enumerate(result[1:], 1)
+    ]
+    if kept != list(result):
+        output.args = (type(result)(kept),)
+        eliminate_dead_code(gm.graph)
+        gm.recompile()
+
+
+def _attention_weights(value: Any) -> bool:
+    """Whether `value` is a node computed by a softmax, or a second output of an attention
+    module run as a leaf (its weights), through dropout and casts."""
+    while isinstance(value, fx.Node):
+        if value.op == "call_function" and value.target in SOFTMAX:
+            return True
+        if value.op == "call_method" and value.target == "softmax":
+            return True
+        if value.op == "call_function" and value.target is operator.getitem:
+            source, index = value.args
+            return (isinstance(source, fx.Node) and source.op == "call_module"
+                    and index != 0 and "attention" in _class_of(source).lower())  # fmt: skip
+        passing = value.target in _PASSING or (
+            value.op == "call_module" and _class_of(value) == "Dropout"
+        )  # fmt: skip
+        if not passing or not value.args:
+            return False
+        value = value.args[0]
+    return False
+
+
+def _probabilities(value: Any) -> bool:
+    """Whether the layer returned attention probabilities there, [batch, heads, queries,
+    keys] rows that sum to 1, and not, say, T5's position bias, which later layers read."""
+    return (isinstance(value, Tensor) and value.dim() == 4 and value.is_floating_point()
+            and bool((value >= 0).all())
+            and torch.allclose(value.sum(-1), value.new_ones(()), atol=1e-3))  # fmt: skip
+
+
+def _class_of(node: fx.Node) -> str:
+    return type(node.graph.owning_module.get_submodule(node.target)).__name__
 
 
 def _run_eager(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -246,7 +322,10 @@ def _exact_trace(
             return None
         inputs = [values.get(n) for n in call.names if n not in baked]
         try:
-            got = _run_eager(gm, tuple(inputs), {})
+            # a failing GraphModule prints its generated code to stderr before raising;
+            # this is a trial, and its failure is reported (or retried) here
+            with contextlib.redirect_stderr(io.StringIO()):
+                got = _run_eager(gm, tuple(inputs), {})
         except Exception as e:
             errors.append(f"its graph fails on the traced call: {_first_line(e)}")
             return None

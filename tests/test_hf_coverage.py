@@ -1,0 +1,100 @@
+"""Architectures whose attention was left ungated before: GPT-Neo, Bloom and MPT return
+their attention weights beside the hidden states, DeBERTa-v2's attention traced only as a
+leaf. Each now gates attention and MLP, exactly, and nothing is printed to stderr."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import consensus_gates as cg
+from consensus_gates.hf.tracing import transformer_layers
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = dict(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+CONFIGS = {
+    "gpt_neo": (T.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, window_size=8,
+                               attention_types=[[["global", "local"], 1]], **TEXT),
+                T.GPTNeoForCausalLM, ("attn", "mlp")),
+    "bloom": (T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **TEXT), T.BloomForCausalLM,
+              ("self_attention", "mlp")),
+    "mpt": (T.MptConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, **TEXT),
+            T.MptForCausalLM, ("attn", "ffn")),
+    "deberta-v2": (T.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, **TEXT),
+                   T.DebertaV2ForSequenceClassification, ("attention.output", "output")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_attention_and_mlp_are_gated_exactly(arch, capfd):
+    config, cls, branches = CONFIGS[arch]
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    x = {"input_ids": torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))}
+    gated = cg.insert_gates(model, x)
+    assert capfd.readouterr().err == ""  # no fx tracebacks from the trial traces
+    layers = [p for p, _ in transformer_layers(model)]
+    assert sorted(gated.gates) == sorted(f"{p}.{b}" for p in layers for b in branches)
+    with torch.no_grad():
+        ref = model(**x).logits
+        torch.testing.assert_close(gated.eval()(**x).logits, ref, rtol=0, atol=0)
+        decisions = {n: i % 3 != 1 for i, n in enumerate(gated.gates)}
+        cg.fix_decisions(gated, decisions)
+        slim = cg.materialize(gated, decisions)
+        torch.testing.assert_close(slim(**x).logits, gated(**x).logits, rtol=1e-5, atol=1e-6)
+        longer = {"input_ids": torch.randint(3, 100, (3, 9))}
+        torch.testing.assert_close(slim(**longer).logits, gated(**longer).logits,
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_what_is_not_gated_is_said_once_a_line_per_reason():
+    from hf_models import inputs, tiny
+
+    with pytest.warns(UserWarning, match="left residual additions without a gate") as caught:
+        cg.insert_gates(tiny("t5"), inputs("t5"))
+    (warning,) = [w for w in caught if "without a gate" in str(w.message)]
+    lines = str(warning.message).splitlines()[1:]
+    assert lines and all(line.startswith("  ") for line in lines)
+    assert "encoder.block.0.layer.0" in str(warning.message)
+    import warnings
+
+    with warnings.catch_warnings():  # GPT-2's GELU adds are inside its gated MLP: no warning
+        warnings.simplefilter("error")
+        cg.insert_gates(tiny("gpt2"), inputs("gpt2"))
+
+
+def test_albert_is_refused_for_its_shared_weights():
+    config = T.AlbertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, embedding_size=16, vocab_size=100)  # fmt: skip
+    albert = T.AlbertForSequenceClassification(config).eval()
+    with pytest.raises(cg.TracingError, match="its layers share weights"):
+        cg.insert_gates(albert, {"input_ids": torch.randint(3, 100, (2, 8))})
+
+
+def test_a_model_without_transformer_layers_gets_the_recipe_that_works():
+    """HF ConvNeXt has no GradientCheckpointingLayer: the error gives the whole-model
+    recipe, and the recipe gates and cuts it exactly."""
+    config = T.ConvNextConfig(hidden_sizes=[8, 16], depths=[2, 1], num_stages=2, num_labels=3)
+    convnext = T.ConvNextForImageClassification(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(cg.TracingError, match=r"leaf_modules=\['hf.convnext.embeddings'\]"):
+        cg.insert_gates(convnext, {"pixel_values": x})
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, hf):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, x):
+            return self.hf(pixel_values=x).logits
+
+    gated = cg.insert_gates(Wrapper(convnext), x, leaf_modules=["hf.convnext.embeddings"])
+    assert len(gated.gates) == 3
+    decisions = dict(zip(gated.gates, (True, False, True), strict=True))
+    cg.fix_decisions(gated, decisions)
+    with torch.no_grad():
+        torch.testing.assert_close(cg.materialize(gated, decisions)(x), gated.eval()(x),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
