@@ -1,6 +1,8 @@
-"""Whole-layer gates (`GateConfig(granularity="layer")`) and `hf.to_transformers`: a cut that
-removes only whole layers comes out as the original class, whose `save_pretrained` folder
-plain transformers loads."""
+"""A cut transformer out of consensus_gates. Whole-layer gates
+(`GateConfig(granularity="layer")`) and `hf.to_transformers`: a cut that removes only whole
+layers comes out as the original class, whose `save_pretrained` folder plain transformers
+loads. `cg.export`: a ``.pt2`` or ``.onnx`` program of the forward, at any batch and length;
+`cgates slim` writes them all and `cgates bench` times them on token ids."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import pytest
 import torch
 
 import consensus_gates as cg
+from consensus_gates.saving.onnx_files import OnnxRuntimeModel
+from consensus_gates.saving.pt2 import load_program
 
-from hf_models import CAUSAL, inputs, output, tiny
+from hf_models import CAUSAL, VISION, inputs, output, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WHOLE = cg.GateConfig(granularity="layer")
@@ -129,3 +133,90 @@ print(type(m).__name__, m.config.num_hidden_layers, any(k.startswith("consensus_
         torch.testing.assert_close(got["y"], slim(**x).logits, rtol=1e-5, atol=1e-6)
         tokens = slim.generate(x["input_ids"][:1], max_new_tokens=6, do_sample=False)
     assert torch.equal(got["t"], tokens)
+
+
+@pytest.mark.parametrize("arch", ("gpt2", "llama", "bert", "bart", "vit"))
+def test_export_runs_at_another_batch_and_length(tmp_path, arch):
+    """The .pt2 (through the safe loader) and the .onnx (onnxruntime) give the cut model's
+    output at batches and lengths they were not exported at, with a padding mask."""
+    gated = cg.insert_gates(tiny(arch), inputs(arch, batch=1))
+    slim = cg.materialize(gated, _alternate(gated))
+    x = inputs(arch)  # batch 2, length 7
+    cg.export(slim, x, tmp_path / "slim.pt2")
+    cg.export(slim, x, tmp_path / "slim.onnx")
+    program, ort = load_program(tmp_path / "slim.pt2").module(), OnnxRuntimeModel(
+        tmp_path / "slim.onnx"
+    )
+    assert ort.input_names == list(x)
+    for batch, length in ((3, 11), (1, 4)):
+        y = inputs(arch, batch, length, seed=5)
+        if arch in VISION:
+            y["pixel_values"] = y["pixel_values"] * 2  # other images, of the exported size
+        with torch.no_grad():
+            ref = output(slim, y)
+            got = program(*y.values())
+        assert got.shape == ref.shape and ref.shape[0] == batch
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        # a left-padded causal row has queries with no key to attend to: undefined there
+        valid = y["attention_mask"].bool() if arch in CAUSAL else slice(None)
+        torch.testing.assert_close(ort(*y.values())[valid], ref[valid], rtol=1e-4, atol=1e-5)
+
+
+def _gated_file(tmp_path, config=WHOLE) -> str:
+    """A gated llama whose consensus closes every other gate, saved as `cgates slim` reads."""
+    gated = cg.insert_gates(tiny("llama"), inputs("llama", batch=1), config)
+    for name, gate in gated.gates.items():
+        gate.running_open_rate.fill_(float(_alternate(gated)[name]))
+    cg.save(gated, tmp_path / "gated.safetensors")
+    return str(tmp_path / "gated.safetensors")
+
+
+@pytest.mark.slow
+def test_cli_slim_writes_every_form_of_a_cut_transformer_and_bench_times_them(tmp_path):
+    import json
+
+    import transformers
+    from click.testing import CliRunner
+
+    from consensus_gates.cli import main
+
+    out = tmp_path / "out"
+    args = ["slim", _gated_file(tmp_path), "-o", str(out), "--onnx", "--hf-folder", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    names = ["slim.safetensors", "slim.pt2", "slim.onnx", "hf"]
+    assert json.loads(result.output)["files"] == [str(out / n) for n in names]
+    slim = cg.load(out / "slim.safetensors")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    assert plain.config.num_hidden_layers == 1  # of 3, every other gate closed
+    assert not [p.name for p in tmp_path.rglob(".*")]  # no temporary left behind
+    x = inputs("llama", batch=3, length=9, pad=False)
+    with torch.no_grad():
+        torch.testing.assert_close(output(plain, x), output(slim, x), rtol=0, atol=0)
+        program = load_program(out / "slim.pt2").module()
+        torch.testing.assert_close(program(*x.values()), output(slim, x), rtol=1e-5, atol=1e-6)
+
+    again = CliRunner().invoke(main, args)  # nothing is overwritten unasked
+    assert again.exit_code != 0 and "already exist" in again.output and "hf" in again.output
+    assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0
+    assert not [p.name for p in tmp_path.rglob(".*")]
+
+    bench = ["bench", str(out / "slim.pt2"), str(out / "slim.onnx"), "--batch", "2",
+             "--rounds", "1", "--runs", "2", "--warmup", "1", "--threads", "1"]  # fmt: skip
+    result = CliRunner().invoke(main, bench)
+    assert result.exit_code == 0, result.output
+    assert "seq/s" in result.output and "input (7,)" in result.output  # the exported length
+
+
+def test_cli_slim_hf_folder_refuses_a_branch_cut_before_writing(tmp_path):
+    from click.testing import CliRunner
+
+    from consensus_gates.cli import main
+
+    out = tmp_path / "out"
+    path = _gated_file(tmp_path, cg.GateConfig())
+    result = CliRunner().invoke(main, ["slim", path, "-o", str(out), "--hf-folder"])
+    assert result.exit_code != 0
+    assert "keep only part of their blocks" in result.output
+    assert "granularity='layer'" in result.output
+    assert not out.exists() or not list(out.iterdir())

@@ -368,3 +368,62 @@ def test_save_refuses_pretrained_weights_it_cannot_resolve(tmp_path):
     with pytest.raises(ValueError, match=r"cannot resolve.*load the pretrained state dict"):
         cg.save(cg.create_model("test_security_pretrained_net", pretrained=True), tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def exported_llm(tmp_path_factory) -> Path:
+    """A cut language model's program: its masks' shapes are powers of the length."""
+    from hf_models import inputs, tiny
+
+    gated = cg.insert_gates(tiny("llama"), inputs("llama", batch=1))
+    slim = cg.materialize(gated, {n: i != 1 for i, n in enumerate(gated.gates)})
+    path = tmp_path_factory.mktemp("llm") / "slim.pt2"
+    cg.export(slim, inputs("llama"), path)
+    return path
+
+
+def _power(rel: str, data: bytes, to: str) -> bytes:
+    if rel != "models/model.json":
+        return data
+    text = data.decode()
+    start = text.index('"Pow(Symbol(')
+    end = text.index('"', start + 1)
+    return (text[:start] + json.dumps(to) + text[end + 1 :]).encode()
+
+
+@pytest.mark.parametrize(
+    "power",
+    ["Pow(Integer(10), Integer(4000000000000))", "Pow(Symbol('s1'), Integer(99999))",
+     "Pow(Pow(Symbol('s1'), Integer(8)), Integer(8))"],  # fmt: skip
+    ids=["huge-number", "huge-exponent", "nested"],
+)
+def test_a_language_model_program_loads_and_only_small_powers_pass(exported_llm, tmp_path, power):
+    from hf_models import inputs
+
+    program = load_for_bench(exported_llm)  # token ids in, logits out
+    assert program(inputs("llama", 3, 5)["input_ids"]).shape == (3, 5, 100)
+    path = _rewrite(exported_llm, tmp_path / "evil.pt2", lambda r, d: _power(r, d, power))
+    with pytest.raises(ModelFileError, match="a shape expression that sympy would eval"):
+        load_for_bench(path)
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        (b"{", "unreadable consensus_gates.token_inputs"),
+        (b'{"names": ["input_ids", "__import__"], "vocabulary": 100}', "only token ids and"),
+        (b'{"names": ["input_ids"], "vocabulary": 1e30}', "only token ids and"),
+    ],
+    ids=["not-json", "unknown-input", "bad-vocabulary"],
+)
+def test_a_language_model_programs_input_metadata_is_checked(
+    exported_llm, tmp_path, metadata, message
+):
+    from consensus_gates.saving.pt2 import TOKENS_FILE
+
+    def edit(rel: str, data: bytes) -> bytes:
+        return metadata if rel == f"extra/{TOKENS_FILE}" else data
+
+    path = _rewrite(exported_llm, tmp_path / "odd.pt2", edit)
+    with pytest.raises(ModelFileError, match=message):
+        load_for_bench(path)

@@ -370,7 +370,7 @@ def test_cli_inspect_and_slim_take_transformer_files(tmp_path):
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["files"] == [str(tmp_path / "out" / "slim.safetensors")]
+    assert report["files"] == [str(tmp_path / "out" / n) for n in ("slim.safetensors", "slim.pt2")]
     assert report["max_rel_diff"] == 0.0
     slim = cg.load(tmp_path / "out" / "slim.safetensors")
     assert report["params"][1] == sum(p.numel() for p in slim.parameters())

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..cost import flops
 from ..errors import BenchmarkFailed
-from ..hf.inputs import token_vocabulary
+from ..hf.inputs import TokenProgram, token_vocabulary
 from .measure import BenchConfig, Measurement, measure, random_batches
 
 
@@ -41,14 +41,16 @@ def load_for_bench(
     weights), or a zoo / torchvision name (`create_model`)."""
     path = Path(ref)
     if path.suffix == ".pt2":
-        from ..saving.pt2 import load_program
+        from ..saving.pt2 import load_program, token_metadata
 
-        return load_program(path).module()
+        module = load_program(path).module()
+        return TokenProgram.read(module, token_metadata(path), str(path))
     if path.suffix == ".onnx":
-        from ..saving.onnx_files import OnnxRuntimeModel
+        from ..saving.onnx_files import OnnxRuntimeModel, check_onnx, token_metadata
 
         config = config or BenchConfig()
-        return OnnxRuntimeModel(path, config.device, config.threads)
+        module = OnnxRuntimeModel(path, config.device, config.threads)
+        return TokenProgram.read(module, token_metadata(check_onnx(path)), str(path))
     if path.is_dir() and (path / "config.json").is_file():
         from ..hf.files import load_pretrained_folder
 

@@ -14,7 +14,8 @@ from ..consensus import consensus, fix_decisions, kept_fraction, unfix_decisions
 from ..cost import flops
 from ..errors import ModelFileError
 from ..fx.graph_module import Gated, cut_decisions, example_inputs_of
-from ..hf import main_output, repeat_rows
+from ..hf import main_output, repeat_rows, to_transformers
+from ..hf.export import save_folder
 from ..hf.gating import GatedTransformer
 from ..saving.aot_package import AOT_SUFFIX, require_compiler
 from ..saving.files import export, load, model_spec, read_spec, rebuild_gated, save
@@ -108,22 +109,27 @@ def print_report(r: dict[str, Any]) -> None:
               help="also write OUT/slim.onnx, for onnxruntime (the onnx extra)")  # fmt: skip
 @click.option("--aot", is_flag=True, help="also write OUT/slim.aoti.pt2, compiled by "
               "AOTInductor for this machine (needs a C++ compiler; tens of seconds)")  # fmt: skip
+@click.option("--hf-folder", is_flag=True, help="also write OUT/hf, a save_pretrained "
+              "folder that plain transformers loads (cuts of whole layers)")  # fmt: skip
 @overwrite_files_option("the slim files in OUT")
 def slim_command(checkpoint: str, out_dir: str | None, threshold: float, as_json: bool,
-                 onnx_: bool, aot: bool, overwrite: bool) -> None:  # fmt: skip
+                 onnx_: bool, aot: bool, hf_folder: bool, overwrite: bool) -> None:  # fmt: skip
     """Cut the consensus sub-network out of a trained gated model.
 
     CHECKPOINT is the trainer's checkpoint.pt (or a gated model saved with `save`). Writes
     OUT/slim.safetensors (load with consensus_gates.load) and OUT/slim.pt2 (torch.export,
     loads with plain torch), with --onnx also OUT/slim.onnx and with --aot the AOTInductor
     package OUT/slim.aoti.pt2, then prints parameters, FLOPs and gates kept, before and after.
-    Files already in OUT are kept unless --overwrite.
+    For a Hugging Face model, --hf-folder also writes OUT/hf, which
+    ``AutoModel...from_pretrained`` loads without consensus_gates, where the cut removed
+    whole layers only. Files already in OUT are kept unless --overwrite.
 
     \b
     Examples:
       cgates slim runs/train/checkpoint.pt
       cgates slim runs/train/checkpoint.pt -o runs/slim --json
       cgates slim runs/train/checkpoint.pt --onnx --aot
+      cgates slim runs/llm/checkpoint.pt --hf-folder --onnx
     """
     try:
         if onnx_:  # before anything is written
@@ -133,21 +139,27 @@ def slim_command(checkpoint: str, out_dir: str | None, threshold: float, as_json
         out = check_folder(out_dir or Path(checkpoint).parent / "slim")
         files = [out / "slim.safetensors", out / "slim.pt2"]
         files += [out / "slim.onnx"] * onnx_ + [out / f"slim{AOT_SUFFIX}"] * aot
-        refuse_existing_files(files, overwrite, "-o")  # before loading and cutting
+        folder = [out / "hf"] * hf_folder
+        refuse_existing_files(files + folder, overwrite, "-o")  # before loading and cutting
         gated = load_gated(checkpoint)
         transformer = isinstance(gated, GatedTransformer)
-        if transformer and (onnx_ or aot):
-            raise ValueError("--onnx and --aot are for image models, not Hugging Face models yet")
+        if transformer and aot:
+            raise ValueError("--aot is for image models; for a Hugging Face model, deploy "
+                             "slim.pt2 or --onnx")  # fmt: skip
+        if hf_folder and not transformer:
+            raise ValueError("--hf-folder is for Hugging Face models; this one is a "
+                             f"{type(gated).__name__}")  # fmt: skip
         slim, report = slim_report(gated, threshold)
-        if transformer:  # no torch.export program for a Hugging Face model yet
-            files.remove(out / "slim.pt2")
+        plain = to_transformers(slim) if hf_folder else None  # refused before writing
         save(slim, files[0])
         x = repeat_rows(example_inputs_of(gated), 2)
         for path in files[1:]:
             export(slim, x, path)  # batch 2: torch.export specializes a batch of 1
+        if plain is not None:
+            save_folder(plain, folder[0])
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
-    report["files"] = [str(f) for f in files]
+    report["files"] = [str(f) for f in files + folder]
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

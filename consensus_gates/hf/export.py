@@ -1,20 +1,25 @@
-"""A cut transformer as a plain Hugging Face model, where the cut allows it.
+"""A cut transformer out of consensus_gates: a plain Hugging Face model, or a program.
 
 When a cut removed only whole layers, the slim model is the original architecture with
 fewer layers: `to_transformers` builds the original class from the slim model's config
 (whose layer count and per-layer lists `materialize` already shrank) and loads the kept
 weights into it, so that its ``save_pretrained`` folder needs neither consensus_gates nor
-any code of ours to load.
+any code of ours to load. `export_call` is what `consensus_gates.export` writes to a
+``.pt2`` or ``.onnx`` file: the forward without its cache, every size of it dynamic.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from .._utils import atomic_folder
 from .gating import original_class, traced_layers
+from .inputs import TensorCall, as_traceable_call
 from .layer import CALL_KEY, plain_attributes
 from .surgery import SlimTransformer
 from .tracing import transformer_layers
@@ -44,6 +49,35 @@ def to_transformers(model: nn.Module) -> nn.Module:
     state = model.state_dict()
     plain.load_state_dict({k: state[k] for k in plain.state_dict()}, strict=True)
     return plain.train(model.training)
+
+
+def save_folder(model: nn.Module, path: str | os.PathLike) -> None:
+    """``model.save_pretrained`` into `path` atomically (a folder there is replaced only
+    once the new one is complete), without transformers' progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with atomic_folder(path) as tmp:
+            model.save_pretrained(tmp)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def export_call(
+    model: nn.Module, example_inputs: Any
+) -> tuple[TensorCall, tuple[Tensor, ...], tuple[tuple[dict, ...]]]:
+    """What `consensus_gates.export` exports of a Hugging Face model, from the inputs
+    `insert_gates` took (a dict, or the main input): its forward over their tensors without
+    the KV cache, returning the main output (logits, or the task head's); the tensors; and
+    the dynamic shapes, every dimension `Dim.AUTO`, so that batch and sequence length (and
+    an image's size where the model allows) stay free. A tensor is given positionally,
+    hence the shapes of ``*tensors`` as one tuple."""
+    call, tensors = as_traceable_call(model, example_inputs, main=True)
+    auto = torch.export.Dim.AUTO
+    return call, tensors, (tuple(dict.fromkeys(range(t.dim()), auto) for t in tensors),)
 
 
 def _check_layers(slim: nn.Module, fresh: nn.Module) -> None:

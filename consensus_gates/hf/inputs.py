@@ -5,10 +5,12 @@ call over them, and what FLOPs and timings count per token."""
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -35,41 +37,111 @@ def as_input_dict(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     )
 
 
-class _TensorCall(nn.Module):
-    """``model(**inputs)`` as a function of tensors to a tuple of tensors: what fvcore's
-    jit trace needs. No cache is built, since a forward with one would count nothing else."""
+class TensorCall(nn.Module):
+    """``model(**inputs)`` as a function of tensors: what fvcore's jit trace, torch.export
+    and ONNX take. It returns every output tensor, or with `main` only the main one
+    (`main_output`). No cache is built: it is state beside the function, not its result."""
 
-    def __init__(self, model: nn.Module, names: list[str]):
+    def __init__(self, model: nn.Module, names: list[str], main: bool = False):
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.names, self.main = model, names, main
+        self.train(model.training)  # what eval_mode restores is the model's mode
         params = inspect.signature(model.forward).parameters
         self.extra = {"use_cache": False} if "use_cache" in params else {}
 
-    def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, *tensors: Tensor) -> Tensor | tuple[Tensor, ...]:
         out = self.model(**dict(zip(self.names, tensors, strict=True)), **self.extra)
+        if self.main:
+            return _main_tensor(out)
         values = out.values() if isinstance(out, Mapping) else out
         return tuple(v for v in values if isinstance(v, Tensor))
 
 
-def as_traceable_call(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple]:
+def as_traceable_call(
+    model: nn.Module, example_inputs: Any, main: bool = False
+) -> tuple[TensorCall, tuple[Tensor, ...]]:
+    """`TensorCall` over the tensors of `example_inputs`, and those tensors."""
     inputs = {k: v for k, v in as_input_dict(model, example_inputs).items() if v is not None}
-    return _TensorCall(model, list(inputs)), tuple(inputs.values())
+    return TensorCall(model, list(inputs), main), tuple(inputs.values())
 
 
 def per_token_divisor(model: nn.Module, example_inputs: Any) -> int:
     """What `cost.flops` divides by: the number of ``input_ids`` tokens for a Hugging Face
     text model, else 1."""
-    if not is_transformer(model):
+    if isinstance(model, TokenProgram):
+        ids = example_inputs
+    elif not is_transformer(model):
         return 1
-    ids = as_input_dict(model, example_inputs).get("input_ids")
+    else:
+        ids = as_input_dict(model, example_inputs).get("input_ids")
     return ids.numel() if isinstance(ids, Tensor) and ids.numel() else 1
 
 
 def token_vocabulary(model: nn.Module) -> int | None:
-    """The vocabulary size of a Hugging Face model that reads token ids, else None."""
+    """The vocabulary size of a Hugging Face model (or an exported one, `TokenProgram`) that
+    reads token ids, else None."""
+    if isinstance(model, TokenProgram):
+        return model.vocabulary
     if not is_transformer(model) or model.main_input_name != "input_ids":
         return None
     return model.config.get_text_config().vocab_size
+
+
+# what an exported language model may take besides its token ids, made from them to time it
+_FROM_IDS = {
+    "input_ids": lambda ids: ids,
+    "attention_mask": torch.ones_like,
+    "token_type_ids": torch.zeros_like,
+    "position_ids": lambda ids: torch.arange(ids.shape[1], device=ids.device).expand_as(ids),
+    "decoder_input_ids": lambda ids: ids,
+    "decoder_attention_mask": torch.ones_like,
+}
+TOKENS_KEY = "consensus_gates.token_inputs"  # the metadata `TokenProgram.describe` writes
+
+
+class TokenProgram(nn.Module):
+    """An exported language model (a ``.pt2`` program or an ``.onnx`` file run by
+    onnxruntime) called on token ids alone, as `cgates bench` times a model: an unpadded
+    attention mask, zero token types and positions 0..n-1 are made from them."""
+
+    def __init__(self, program: nn.Module, names: list[str], vocabulary: int):
+        super().__init__()
+        self.program, self.names, self.vocabulary = program, names, vocabulary
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.program(*(_FROM_IDS[n](ids) for n in self.names))
+
+    @staticmethod
+    def describe(model: nn.Module, names: list[str]) -> str | None:
+        """The metadata an export of `model` over inputs `names` records for `read`: None
+        for a model that does not read token ids."""
+        vocabulary = token_vocabulary(model)
+        return None if vocabulary is None else json.dumps(
+            {"names": names, "vocabulary": vocabulary}
+        )
+
+    @classmethod
+    def read(cls, program: nn.Module, text: str | None, what: str) -> nn.Module:
+        """`program` fed token ids, as `text` (what `describe` wrote, or None: then the
+        program as it is) says; a file's metadata is checked, never trusted."""
+        if text is None:
+            return program
+        from ..errors import ModelFileError
+
+        try:
+            about = json.loads(text)
+            names, vocabulary = about["names"], about["vocabulary"]
+        except (ValueError, TypeError, KeyError) as e:
+            raise ModelFileError(f"{what} has unreadable {TOKENS_KEY} metadata ({e})") from e
+        if not (isinstance(names, list) and "input_ids" in names
+                and all(isinstance(n, str) and n in _FROM_IDS for n in names)
+                and type(vocabulary) is int and 0 < vocabulary < 2**31):  # fmt: skip
+            raise ModelFileError(
+                f"{what}: its {TOKENS_KEY} metadata names inputs {str(names)[:200]} and a "
+                f"vocabulary of {str(vocabulary)[:20]}; only token ids and what is made from "
+                f"them ({', '.join(_FROM_IDS)}) can be timed"
+            )
+        return cls(program, names, vocabulary)
 
 
 def saved_input_shape(inputs: Any) -> tuple[int, ...] | None:
@@ -86,7 +158,10 @@ def main_output(model: nn.Module, inputs: Any) -> Tensor:
     state) for a dict of inputs, else ``model(*inputs)``."""
     if not isinstance(inputs, Mapping):
         return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-    out = model(**inputs)
+    return _main_tensor(model(**inputs))
+
+
+def _main_tensor(out: Any) -> Tensor:
     for name in ("logits", "last_hidden_state"):
         if isinstance(getattr(out, name, None), Tensor):
             return getattr(out, name)
@@ -97,8 +172,6 @@ def main_output(model: nn.Module, inputs: Any) -> Tensor:
 def repeat_rows(inputs: Any, rows: int) -> Any:
     """A batch of `rows` from a batch of one: each tensor's first row repeated (a dict of
     Hugging Face inputs), or fresh random samples of the same shapes (a tuple of tensors)."""
-    import torch
-
     if isinstance(inputs, Mapping):
         return {k: v[:1].expand(rows, *v.shape[1:]).clone() for k, v in inputs.items()}
     return tuple(torch.randn(rows, *t.shape[1:], dtype=t.dtype) for t in inputs)

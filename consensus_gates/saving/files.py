@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,15 @@ from ..fx.graph_module import META_KEY, GatedModel
 from ..fx.insert import insert_gates
 from ..fx.tracing import as_input_tuple
 from ..gates.modules import LayerGate
+from ..hf.export import export_call
 from ..hf.gating import TransformerFile
+from ..hf.inputs import TokenProgram, is_transformer
 from ..hf.saving import gated_from_spec, rebuild_transformer, transformer_spec
 from ..models.registry import SOURCE_ATTR, create_model
 from ..slimming import materialize
 from .aot_package import AOT_SUFFIX, compile_package, require_compiler
 from .bounds import Shapes, check_elements, check_matches, module_budget, stored_shapes
+from .pt2 import TOKENS_FILE
 from .spec import (
     FORMAT,
     MAX_BATCH,
@@ -259,7 +262,7 @@ def load(
 
 def export(
     model: nn.Module,
-    example_inputs: Tensor | tuple[Tensor, ...],
+    example_inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor],
     path: str | os.PathLike,
     dynamic_batch: bool = True,
 ) -> Any:
@@ -279,43 +282,61 @@ def export(
 
     The batch dimension is dynamic unless `dynamic_batch` is False or the model cannot
     support it (then a warning says so). The model is exported in eval mode.
+
+    A Hugging Face model takes the inputs `insert_gates` took (a dict, or its main input).
+    What is exported is its forward without the KV cache, on those tensors in that order,
+    returning the main output (logits, or the task head's); batch and sequence length are
+    dynamic. `generate()` and the cache stay with the torch model.
     """
     model = unwrap(model)
-    inputs = as_input_tuple(example_inputs)
     name = Path(path).name
     if not name.endswith((".pt2", ".onnx")):
         raise ValueError(
             f"export writes .pt2 (torch.export), .onnx or .aoti.pt2 (AOTInductor) files, "
             f"got {str(path)!r}"
         )
+    shapes, tokens = None, None
+    if is_transformer(model):
+        transformer = model
+        model, inputs, shapes = export_call(model, example_inputs)
+        tokens = TokenProgram.describe(transformer, model.names)
+        shapes = shapes if dynamic_batch else None
+    else:
+        inputs = as_input_tuple(example_inputs)
     if name.endswith(".onnx"):
         from .onnx_files import export_onnx
 
         with eval_mode(model):
-            return export_onnx(model, inputs, path, dynamic=dynamic_batch)
+            return export_onnx(model, inputs, path, dynamic=dynamic_batch, shapes=shapes,
+                               tokens=tokens)  # fmt: skip
     if name.endswith(AOT_SUFFIX):
         require_compiler()  # before the export, which takes a while too
-    program = export_program(model, inputs, dynamic_batch)
+    program = export_program(model, inputs, dynamic_batch, shapes)
     if name.endswith(AOT_SUFFIX):
         compile_package(program, path)
     else:
+        extra = {} if tokens is None else {TOKENS_FILE: tokens}
         with atomic_path(path) as tmp:
-            torch.export.save(program, str(tmp))
+            torch.export.save(program, str(tmp), extra_files=extra)
     return program
 
 
 def export_program(
-    model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool = True
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    dynamic_batch: bool = True,
+    shapes: Any = None,
 ) -> torch.export.ExportedProgram:
-    """`torch.export` of `model` in eval mode, with a dynamic batch where it can."""
+    """`torch.export` of `model` in eval mode, with a dynamic batch where it can (or the
+    dynamic `shapes` given)."""
     with eval_mode(model):
         if dynamic_batch:
-            shapes = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
+            shapes = shapes or tuple({0: torch.export.Dim.AUTO} for _ in inputs)
             try:
                 return torch.export.export(model, inputs, dynamic_shapes=shapes)
             except Exception as e:  # noqa: BLE001 - fall back to a static batch
                 warnings.warn(
-                    f"export with a dynamic batch failed ({e}); using a static batch", stacklevel=3
+                    f"export with dynamic shapes failed ({e}); using static shapes", stacklevel=3
                 )
         return torch.export.export(model, inputs)
 

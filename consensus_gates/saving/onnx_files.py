@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .._utils import atomic_path
 from ..errors import ModelFileError
+from ..hf.inputs import TOKENS_KEY
 
 OPSET = 18  # torch.onnx's dynamo exporter's own; onnxruntime 1.16+ runs it
 SHAPES_KEY = "consensus_gates.example_input_shapes"
@@ -49,22 +50,32 @@ def _dynamic_shapes(inputs: tuple[Tensor, ...], dynamic: bool) -> tuple[dict, ..
 
 
 def export_onnx(
-    model: nn.Module, inputs: tuple[Tensor, ...], path: str | os.PathLike, dynamic: bool = True
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    path: str | os.PathLike,
+    dynamic: bool = True,
+    shapes: Any = None,
+    tokens: str | None = None,
 ) -> Any:
     """Write `model` in eval mode to `path` with torch.onnx's dynamo exporter, at `OPSET`,
-    its weights inside the file; return the ``torch.onnx.ONNXProgram``."""
+    its weights inside the file; return the ``torch.onnx.ONNXProgram``. `shapes` replaces
+    the default dynamic dimensions; `tokens` (`TokenProgram.describe`) names the inputs of
+    a language model, for `cgates bench`."""
     require_onnx("onnx", "onnxscript")
+    names = getattr(model, "names", None)  # a Hugging Face model's inputs, by name
     try:
-        program = _onnx_program(model, inputs, _dynamic_shapes(inputs, dynamic))
+        program = _onnx_program(model, inputs, shapes or _dynamic_shapes(inputs, dynamic), names)
     except Exception as e:  # noqa: BLE001 - fall back to static shapes, as `export` does
         if not dynamic:
             raise
         warnings.warn(f"ONNX export with dynamic shapes failed ({e}); using static shapes",
                       stacklevel=3)  # fmt: skip
-        program = _onnx_program(model, inputs, None)
+        program = _onnx_program(model, inputs, None, names)
 
     # the example's shapes, for `cgates bench`: the graph's own are symbolic
     program.model.metadata_props[SHAPES_KEY] = json.dumps([list(t.shape) for t in inputs])
+    if tokens is not None:
+        program.model.metadata_props[TOKENS_KEY] = tokens
     with atomic_path(path) as tmp:
         program.save(str(tmp), external_data=False)
     return program
@@ -84,12 +95,20 @@ def example_shapes(proto: Any) -> list[list[int]] | None:
     return None
 
 
-def _onnx_program(model: nn.Module, inputs: tuple[Tensor, ...], shapes: Any) -> Any:
+def _onnx_program(
+    model: nn.Module, inputs: tuple[Tensor, ...], shapes: Any, names: list[str] | None
+) -> Any:
     # the exporter reports its progress on stdout, which is the CLI's and the user's
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.onnx.export(model, inputs, dynamo=True, dynamic_shapes=shapes,
-                                 opset_version=OPSET, verbose=False)  # fmt: skip
+                                 input_names=names, opset_version=OPSET,
+                                 verbose=False)  # fmt: skip
+
+
+def token_metadata(proto: Any) -> str | None:
+    """What `export_onnx` recorded of a language model's inputs (`TokenProgram.read`)."""
+    return next((p.value for p in proto.metadata_props if p.key == TOKENS_KEY), None)
 
 
 def check_onnx(path: str | os.PathLike) -> Any:

@@ -50,6 +50,7 @@ _CONFIGS = {
     "data/weights/model_weights_config.json": "data/weights/",
     "data/constants/model_constants_config.json": "data/constants/",
 }
+TOKENS_FILE = "consensus_gates_tokens.json"  # `TokenProgram.describe`, in extra/
 SAFE_NOTE = (
     "files written by consensus_gates.export() or `cgates slim` contain no pickles "
     "and pass this check; re-export the model with them"
@@ -73,7 +74,7 @@ _SYMPY_CORE = (
     "floor", "ceiling", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "Equality", "Unequality",
     "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan", "And", "Or", "Not",
     "Piecewise", "ExprCondPair", "true", "false", "oo", "zoo", "nan", "Half", "One", "Zero",
-    "NegativeOne", "Infinity", "NegativeInfinity", "NaN",
+    "NegativeOne", "Infinity", "NegativeInfinity", "NaN", "Pow",
 )  # fmt: skip
 _SYMPY_NAMES = frozenset(_SYMPY_CORE).union(
     n for n, v in vars(sympy_functions).items() if isinstance(v, type)
@@ -106,6 +107,19 @@ def check_archive(path: str | os.PathLike) -> None:
             f"{path} is not a readable .pt2 archive (a zip file written by torch.export.save): "
             f"{e}; it may be truncated or corrupt"
         ) from e
+
+
+def token_metadata(path: str | os.PathLike) -> str | None:
+    """What `consensus_gates.export` recorded in a checked archive of a language model's
+    inputs (`TokenProgram.read`), or None."""
+    with zipfile.ZipFile(path) as archive:
+        info = next((i for i in archive.infolist()
+                     if i.filename.endswith(f"/extra/{TOKENS_FILE}")), None)  # fmt: skip
+        if info is None:
+            return None
+        if info.file_size > 64 * 1024:
+            raise ModelFileError(f"{path}: its {TOKENS_FILE} entry is too large to be ours")
+        return archive.read(info).decode("utf-8", errors="replace")
 
 
 def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
@@ -265,7 +279,27 @@ def _safe_expression(text: Any, names: frozenset[str], attributes: frozenset[str
                 isinstance(v, (int, float)) and abs(v) < 2**63
             )
         else:
-            ok = isinstance(node, _SYNTAX)
+            ok = isinstance(node, _SYNTAX) and (not _calls(node, "Pow") or _small_power(node))
         if not ok:
             return False
     return True
+
+
+def _calls(node: ast.AST, name: str) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
+
+
+def _small_power(node: ast.Call) -> bool:
+    """``Pow(Symbol(...), Integer(k))`` with a small k (a mask's n², say): any other power
+    could make sympy build a number of unbounded size."""
+    if len(node.args) != 2 or node.keywords:
+        return False
+    base, exponent = node.args
+    return (
+        _calls(base, "Symbol")
+        and _calls(exponent, "Integer")
+        and len(exponent.args) == 1
+        and isinstance(exponent.args[0], ast.Constant)
+        and type(exponent.args[0].value) is int
+        and abs(exponent.args[0].value) <= 8
+    )
