@@ -98,3 +98,36 @@ def test_a_model_without_transformer_layers_gets_the_recipe_that_works():
     with torch.no_grad():
         torch.testing.assert_close(cg.materialize(gated, decisions)(x), gated.eval()(x),
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["bloom", "llama"])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_both_cache_paths_work_and_save_however_the_layer_was_traced(tmp_path, arch, use_cache):
+    """Bloom updates the cache in its layer's own code (a method call in the graph), Llama
+    inside its attention (a leaf). Inserted with the cache or without, each runs with it and
+    without it, generates the original's tokens both ways, and saves and loads."""
+    from hf_models import inputs, tiny
+
+    if arch == "bloom":
+        torch.manual_seed(0)
+        model = CONFIGS[arch][1](CONFIGS[arch][0]).eval()
+    else:
+        model = tiny(arch)
+    x = inputs("llama")
+    gated = cg.insert_gates(model, {**x, "use_cache": use_cache})
+    decisions = {n: i % 3 != 1 for i, n in enumerate(gated.gates)}
+    slim = cg.materialize(gated, decisions)
+    cg.save(slim, tmp_path / "slim.safetensors")
+    loaded = cg.load(tmp_path / "slim.safetensors")
+    prompt = x["input_ids"][:1]
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=5, do_sample=False)
+        for m in (cg.materialize(gated, dict.fromkeys(gated.gates, True)), slim, loaded):
+            ref = m(**x, use_cache=False).logits
+            torch.testing.assert_close(m(**x, use_cache=True).logits, ref, rtol=0, atol=0)
+            tokens = [m.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=c)
+                      for c in (True, False)]  # fmt: skip
+            assert torch.equal(tokens[0], tokens[1])
+            if m is not slim and m is not loaded:
+                assert torch.equal(tokens[0], want)
+        torch.testing.assert_close(loaded(**x).logits, slim(**x).logits, rtol=0, atol=0)

@@ -53,6 +53,20 @@ _NAMESPACES = {
 _FACTORIES = ("arange", "zeros", "ones", "full", "empty", "eye", "linspace", "tensor", "as_tensor")
 
 
+# Functions other steps add by `register_function` (a cache update of transformers' layers).
+_REGISTERED: dict[str, Any] = {}
+
+
+def register_function(name: str, fn: Any) -> None:
+    """Let saved graphs call `fn`, under the qualified `name`: for a function of ours that
+    takes only graph values and checks them, never one that runs what it is handed."""
+    if _REGISTERED.get(name, fn) is not fn:
+        raise ValueError(f"{name} is registered already, for another function")
+    _REGISTERED[name] = fn
+    _functions.cache_clear()
+    _names.cache_clear()
+
+
 class _Bad(Exception):
     """One problem in one value; the callers say which node, and which file."""
 
@@ -67,6 +81,7 @@ def _functions() -> dict[str, Any]:
                 table[f"{prefix}.{name}"] = fn
     for name in _FACTORIES:  # not overridable (no tensor argument), and safe
         table[f"torch.{name}"] = getattr(torch, name)
+    table.update(_REGISTERED)
     table["builtins.getattr"] = getattr
     table["torch.fx._symbolic_trace._assert_is_none"] = fx._symbolic_trace._assert_is_none
     overridable = torch.overrides.get_overridable_functions().values()

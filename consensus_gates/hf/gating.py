@@ -18,6 +18,7 @@ from ..fx.gating import gate_graph, gate_whole_graph, match_model
 from ..fx.graph_module import META_KEY, Gated
 from ..gates.modules import Gate
 from .layer import TracedLayer, plain_attributes, traced_layer
+from .outputs import install_recording_hooks, kept_modules, retype
 from .tracing import capture_calls, trace_layer, transformer_layers
 
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -83,6 +84,7 @@ def insert_transformer_gates(
     gated = copy.deepcopy(model)
     was_training = gated.training
     gated.eval()
+    install_recording_hooks(gated)  # on the original layers, carried to the traced ones
     layers = transformer_layers(gated)
     calls = capture_calls(gated, inputs, layers)
     hints: dict[type, frozenset[str]] = {}
@@ -90,7 +92,8 @@ def insert_transformer_gates(
     for path, layer in layers:
         args, kwargs = calls[path]
         hint = hints.get(type(layer), frozenset())
-        gm, call, layer_inputs = trace_layer(layer, path, args, kwargs, hint)
+        keep = kept_modules(gated, layer)
+        gm, call, layer_inputs = trace_layer(layer, path, args, kwargs, hint, keep)
         hints[type(layer)] = frozenset(call.concrete)
         what = f"layer '{path}' ({type(layer).__name__})"
         if config.granularity == "layer":
@@ -102,9 +105,9 @@ def insert_transformer_gates(
             rejected += [{**r.__dict__, "module": f"{path}.{r.module}"} for r in refused]
         match_model(layer_gated, layer, layer_inputs[0])
         name, attributes = type(layer).__name__, plain_attributes(layer)
-        set_module(gated, path, traced_layer(layer_gated, call, path, name, attributes))
+        set_module(gated, path, traced_layer(layer_gated, call, path, name, attributes, layer))
     _warn_ungated(list(gated_names(gated)), rejected)
-    gated.__class__ = transformer_class(type(gated), GatedTransformer)
+    retype(gated, transformer_class(type(gated), GatedTransformer))
     gated.meta = {META_KEY: _meta(gated, inputs, config, rejected)}
     gated.train(was_training)
     return gated

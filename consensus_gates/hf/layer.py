@@ -8,6 +8,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from .outputs import carry_hooks
 from .tracing import LayerCall
 
 CALL_KEY = "consensus_gates_layer"
@@ -33,11 +34,18 @@ class TracedLayer(fx.GraphModule):
 
 
 def traced_layer(
-    gm: fx.GraphModule, call: LayerCall, path: str, class_name: str, attributes: dict[str, Any]
+    gm: fx.GraphModule,
+    call: LayerCall,
+    path: str,
+    class_name: str,
+    attributes: dict[str, Any],
+    replaces: nn.Module,
 ) -> TracedLayer:
     """`gm` (its modules, graph and meta) as the layer at `path`, with the original layer's
-    plain `attributes`, which parents read (``layer.attention_type`` picks the mask)."""
+    plain `attributes`, which parents read (``layer.attention_type`` picks the mask), and
+    the forward hooks of the module it `replaces` (transformers' output recorders)."""
     layer = TracedLayer(gm, gm.graph, class_name=class_name)
+    carry_hooks(replaces, layer)
     layer.meta.update(gm.meta)
     layer.meta[CALL_KEY] = {"call": call, "path": path, "attributes": attributes}
     for name, value in attributes.items():

@@ -26,6 +26,7 @@ from ..saving.bounds import check_elements
 from .files import build_config, meta_model, model_class
 from .gating import GatedTransformer, set_module, traced_layers, transformer_class
 from .layer import CALL_KEY, TracedLayer, plain_attributes, traced_layer
+from .outputs import install_recording_hooks, retype
 from .surgery import SlimTransformer, drop_layers
 from .tracing import LayerCall, layer_signature, signature_defaults, transformer_layers
 
@@ -82,6 +83,7 @@ def rebuild_transformer(spec: dict[str, Any], what: str) -> nn.Module:
     Each step is checked against the freshly built model, and anything the spec gets wrong
     is a ModelFileError naming the file and the step."""
     model = _fresh_model(spec, what)
+    install_recording_hooks(model)  # on the fresh layers, carried to the rebuilt ones
     config = file_step(what, "build its GateConfig", GateConfig.from_dict, spec["config"])
     layers = _check_layer_paths(model, spec, what)
     for path, record in spec["layers"].items():
@@ -93,7 +95,7 @@ def rebuild_transformer(spec: dict[str, Any], what: str) -> nn.Module:
     if spec["kind"] == "slim":
         file_step(what, "drop the layers it removed", drop_layers, model, spec["removed_layers"])
     role = SlimTransformer if spec["kind"] == "slim" else GatedTransformer
-    model.__class__ = transformer_class(type(model), role)
+    retype(model, transformer_class(type(model), role))
     model.meta = {META_KEY: {k: v for k, v in spec.items() if k not in ("layers", "fixed")}}
     if spec["kind"] == "gated":
         for name, d in _fixed(spec, model, what).items():
@@ -187,7 +189,7 @@ def _rebuild_layer(
     layer_call = LayerCall(
         call["positional"], call["names"], call["inputs"], concrete, signature_defaults(fresh)
     )
-    return traced_layer(gm, layer_call, path, record["class"], record["attributes"])
+    return traced_layer(gm, layer_call, path, record["class"], record["attributes"], fresh)
 
 
 def _check_call(call: dict[str, Any], graph: fx.Graph, fresh: nn.Module, where: str) -> None:

@@ -13,6 +13,7 @@ from ..fx.gating import collapse_whole_graph_merge
 from ..fx.surgery import slim_graph_module
 from .gating import TransformerFile, set_module, traced_layers, transformer_class
 from .layer import plain_attributes, traced_layer
+from .outputs import retype
 
 COUNT_FIELDS = {  # where a config counts a stack's layers, by the stack's role
     "decoder": ("decoder_layers", "num_decoder_layers", "num_hidden_layers", "n_layer"),
@@ -38,10 +39,12 @@ def cut_transformer(gated: nn.Module, decisions: dict[str, Any], share: bool) ->
         collapse_whole_graph_merge(cut.graph)
         cut.recompile()
         name, attributes = cut.__class__.__name__, plain_attributes(layer)
-        set_module(slim, path, traced_layer(cut, layer.layer_call, path, name, attributes))
+        # a copied graph module has lost the hooks: take them from the layer it copies
+        source = gated.get_submodule(path)
+        set_module(slim, path, traced_layer(cut, layer.layer_call, path, name, attributes, source))
     if not share:
         drop_identity_layers(slim)
-    slim.__class__ = transformer_class(type(gated), SlimTransformer)
+    retype(slim, transformer_class(type(gated), SlimTransformer))
     return slim
 
 

@@ -27,6 +27,7 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
 from ..errors import InputError, TracingError
 from ..fx.tracing import DEFAULT_LEAF_CLASS_NAMES, eliminate_dead_code, make_inplace_explicit
+from .cache_calls import as_cache_functions
 
 DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
 MAX_LEAF_RETRIES = 8
@@ -79,6 +80,10 @@ def capture_calls(
         return record
 
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers]
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        # traced with a cache, a layer runs with and without one; traced without, the
+        # cache it never saw would be refused
+        inputs = {**inputs, "use_cache": True}
     try:
         with torch.no_grad():
             model(**inputs)
@@ -185,15 +190,20 @@ def _bound_call(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> LayerC
 
 
 def trace_layer(
-    layer: nn.Module, path: str, args: tuple, kwargs: dict[str, Any], hint: frozenset[str] = ()
+    layer: nn.Module,
+    path: str,
+    args: tuple,
+    kwargs: dict[str, Any],
+    hint: frozenset[str] = frozenset(),
+    keep: frozenset[str] = frozenset(),
 ) -> tuple[fx.GraphModule, LayerCall, list[Any]]:
     """Trace one layer for the call ``layer(*args, **kwargs)``.
 
     Arguments start as graph inputs; if the trace fails or its graph does not reproduce the
     layer exactly, every non-tensor argument is baked in, then each is freed again if the
     graph stays exact. `hint`: the arguments a layer of the same class needed baked, tried
-    first. Returns the graph module (sharing the layer's modules), the call and the graph's
-    example inputs.
+    first. `keep`: modules traced as leaves from the start. Returns the graph module
+    (sharing the layer's modules), the call and the graph's example inputs.
     """
     call = _bound_call(layer, args, kwargs)
     values = call.values(args, kwargs)
@@ -206,7 +216,7 @@ def trace_layer(
     for baked in dict.fromkeys(attempts):
         # leaves start afresh: a module that failed only with an argument left free
         # (DeBERTa's attention, on `query_states is None`) traces once it is baked
-        leaves: set[str] = set()
+        leaves = set(keep)
         gm = _exact_trace(layer, path, call, values, baked, leaves, expected, errors)
         if gm is not None:
             break
@@ -320,6 +330,7 @@ def _exact_trace(
                 continue
             errors.append(_first_line(e))
             return None
+        as_cache_functions(gm, values)
         inputs = [values.get(n) for n in call.names if n not in baked]
         try:
             # a failing GraphModule prints its generated code to stderr before raising;
