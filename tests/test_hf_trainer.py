@@ -115,6 +115,51 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path, stop):
     assert cg.consensus(resumed.model).decisions == cg.consensus(whole.model).decisions
 
 
+PROGRESSIVE = dict(target=0.6, polar_schedule="constant", lambda_polar=0.5, progressive=True,
+                   settle_steps=2)
+
+
+def test_progressive_cuts_gates_out_of_the_model_it_fine_tunes(tmp_path):
+    """Settled gates, then at the projection every gate left, leave the model while the
+    Trainer trains it: fewer parameters, the optimizer over exactly those left, and a cut
+    that is already the consensus."""
+    trainer = _trainer(tmp_path, gate_options=PROGRESSIVE)
+    before = sum(p.numel() for p in trainer.model.parameters())
+    trainer.train()
+    model = trainer.model
+    assert trainer.gates.projected and not model.gates  # every gate was cut out
+    cut = cg.consensus(model).decisions
+    assert len(cut) == 6 and not all(cut.values())
+    after = sum(p.numel() for p in model.parameters())
+    assert after < before
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    assert abs(cg.flops_ratio(model) - 0.6) < 0.1
+    slim = cg.materialize(model)
+    x = torch.randint(3, 100, (2, 16))
+    model.eval()
+    torch.testing.assert_close(slim(input_ids=x).logits, model(input_ids=x).logits,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert sum(p.numel() for p in slim.parameters()) == after
+
+
+def test_progressive_resume_continues_exactly_after_the_cut(tmp_path):
+    whole = _trainer(tmp_path / "whole", gate_options=PROGRESSIVE)
+    whole.train()
+    first = _trainer(tmp_path / "parts", gate_options=PROGRESSIVE, save_strategy="steps",
+                     save_steps=6)  # fmt: skip
+    first.train()
+    folder = tmp_path / "parts" / "checkpoint-6"
+    assert cg.load(folder / MODEL_FILE).spec["cut"]  # cut before the checkpoint
+    resumed = _trainer(tmp_path / "parts", gate_options=PROGRESSIVE)
+    resumed.train(resume_from_checkpoint=str(folder))
+    assert resumed.model.state_dict().keys() == whole.model.state_dict().keys()
+    for name, a in whole.model.state_dict().items():
+        torch.testing.assert_close(a, resumed.model.state_dict()[name], rtol=1e-5, atol=1e-6,
+                                   msg=name)  # fmt: skip
+    assert cg.consensus(resumed.model).decisions == cg.consensus(whole.model).decisions
+
+
 def test_resume_true_finds_the_last_checkpoint(tmp_path):
     _trainer(tmp_path, save_strategy="steps", save_steps=4, max_steps=8).train()
     again = _trainer(tmp_path, save_strategy="steps", save_steps=4, max_steps=12)
@@ -168,8 +213,10 @@ def test_load_best_model_at_end_loads_our_checkpoint(tmp_path):
 def test_refusals_are_one_clear_line(tmp_path):
     with pytest.raises(ValueError, match="from insert_gates, got LlamaForCausalLM"):
         GatesTrainer(model=tiny("llama"), args=_args(tmp_path), train_dataset=_data())
-    with pytest.raises(ValueError, match="progressive=True is not supported for Hugging Face"):
-        _trainer(tmp_path, gate_options=dict(progressive=True))
+    with pytest.raises(ValueError, match="set load_best_model_at_end=False, or progressive"):
+        _trainer(tmp_path, gate_options=dict(progressive=True), load_best_model_at_end=True,
+                 eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
+                 eval_dataset=_data(rows=8))  # fmt: skip
     with pytest.raises(ValueError, match="target must be in"):
         _trainer(tmp_path, gate_options=dict(target=1.5))
     with pytest.raises(ValueError, match="ddp_find_unused_parameters=False"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -305,3 +306,35 @@ def test_under_ddp_every_rank_cuts_and_projects_the_same_gates_at_the_same_step(
         differ = [k for k in x["weights"] if not _close(x["weights"][k], y["weights"][k])]
         assert all(k.endswith(("running_mean", "running_var")) for k in differ)
     assert len(a["projected"][True]["records"][1][1]) == 18  # every gate cut at once
+
+
+def test_train_cuts_a_transformers_gates_out_as_it_trains(tmp_path):
+    """`train(progressive=True)` on a Hugging Face model: its layers' graphs lose the cut
+    gates in place, the optimizer goes on with what is left, the checkpoint resumes and
+    `cgates slim` measures against the uncut model."""
+    from click.testing import CliRunner
+
+    from consensus_gates.cli import main
+
+    from hf_models import inputs, tiny
+
+    x = inputs("llama", batch=8, length=12, pad=False)
+    batches = [{**x, "labels": x["input_ids"]}] * 6
+    gated = cg.insert_gates(tiny("llama"), {k: v[:1] for k, v in x.items()})
+    before = sum(p.numel() for p in gated.parameters())
+    config = cg.TrainConfig(optimizer="adamw", lr=3e-3, epochs=4, target=0.5,
+                            progressive=True, settle_steps=2, progress=False)  # fmt: skip
+    history = cg.train(gated, batches, batches[:2], config=config, out_dir=tmp_path / "run")
+    assert any(r["cut"] for r in history) and not gated.gates
+    assert sum(p.numel() for p in gated.parameters()) < before
+    assert abs(cg.flops_ratio(gated) - 0.5) < 0.1
+    again = cg.insert_gates(tiny("llama"), {k: v[:1] for k, v in x.items()})
+    more = cg.train(again, batches, batches[:2], config=replace(config, epochs=5),
+                    out_dir=tmp_path / "run", resume=True)  # fmt: skip
+    assert len(more) == 5 and not again.gates
+    for name, t in gated.state_dict().items():  # one more epoch moved them, the cut did not
+        assert again.state_dict()[name].shape == t.shape, name
+    result = CliRunner().invoke(main, ["slim", str(tmp_path / "run" / "checkpoint.pt"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["flops"][1] / report["flops"][0] == pytest.approx(cg.flops_ratio(again), abs=0.02)

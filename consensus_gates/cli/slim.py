@@ -73,7 +73,7 @@ def _original(gated: Gated) -> nn.Module:
     spec when gates were cut out of it while training (its weights do not matter here)."""
     if cut_decisions(gated):
         spec = model_spec(gated)
-        if spec["source"]:
+        if spec["source"] or "transformers" in spec:  # (a transformer: traced from its config)
             gated = rebuild_gated(spec)
     return materialize(gated, dict.fromkeys(gated.gates, True))
 

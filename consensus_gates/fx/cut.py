@@ -29,7 +29,9 @@ from .tracing import eliminate_dead_code
 
 
 def cut_gates(model: nn.Module, decisions: Mapping[str, bool]) -> list[str]:
-    """Cut the layer gates `decisions` names out of `model` (a `GatedModel`), in place.
+    """Cut the layer gates `decisions` names out of `model` (a `GatedModel`, or a gated
+    Hugging Face model, each of whose layers is a graph), in place. A layer left returning
+    its input stays in place (and in the KV cache) until `materialize` removes it.
 
     A closed gate's branch is removed, with every gate inside it; an open gate is removed and
     its branch runs ungated. In eval mode the model's output is unchanged for inputs on which
@@ -46,23 +48,26 @@ def cut_gates(model: nn.Module, decisions: Mapping[str, bool]) -> list[str]:
     gates = gated.gates
     resolved = _checked(gates, decisions)
     before = all_open_flops(gated)
+    graphs = gated.graphs()  # the model, or a Hugging Face model's layers
     if any(isinstance(gates[n], ChannelGate) for n in resolved):
         # torch-pruning traces through autograd (as in `materialize`)
         with torch.inference_mode(False), torch.enable_grad():
             _adopt(gated, slim_graph_module(gated, resolved))  # shares, so cuts, its modules
     else:
-        for node, gate in gate_nodes(gated):
-            if gate.name in resolved:
-                unwire_layer_gate(gated.graph, node, resolved[gate.name])
-        eliminate_dead_code(gated.graph)
-    called = {g.name for _, g in gate_nodes(gated)}
+        for gm in graphs:
+            for node, gate in gate_nodes(gm):
+                if gate.name in resolved:
+                    unwire_layer_gate(gm.graph, node, resolved[gate.name])
+            eliminate_dead_code(gm.graph)
+    called = {g.name for gm in graphs for _, g in gate_nodes(gm)}
     removed = [name for name in gates if name not in called]
-    container = getattr(gated, GATES_ATTR)
-    for attr, gate in list(container.named_children()):
-        if gate.name not in called:
-            delattr(container, attr)
-    gated.delete_all_unused_submodules()
-    gated.recompile()
+    for gm in graphs:
+        container = getattr(gm, GATES_ATTR, None)  # gone from a layer with none left
+        for attr, gate in list(container.named_children()) if container is not None else ():
+            if gate.name not in called:
+                delattr(container, attr)
+        gm.delete_all_unused_submodules()
+        gm.recompile()
     meta = gated.meta[META_KEY]
     # A gate inside a removed branch never decides again: record it open, as materialize
     # would be free to (its branch is gone either way).

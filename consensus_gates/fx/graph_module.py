@@ -36,6 +36,11 @@ class Gated:
         """How this model was made: source model, example input shapes, config, leaves."""
         return self.meta[META_KEY]
 
+    def graphs(self) -> list[fx.GraphModule]:
+        """The graph modules that call the gates: the model itself, or a Hugging Face
+        model's traced layers."""
+        raise NotImplementedError
+
     def example_inputs(self) -> Any:
         """Random inputs of the shapes given to `insert_gates`, batch size 1."""
         spec = self.meta[META_KEY]["inputs"]
@@ -51,6 +56,9 @@ class GatedModel(Gated, fx.GraphModule):
 
     Call it like the original model. ``gates`` maps stable names (``"layer2.3"``) to gates.
     """
+
+    def graphs(self) -> list[fx.GraphModule]:
+        return [self]
 
 
 def require_gated(model: nn.Module) -> Gated:

@@ -45,6 +45,9 @@ class GatedTransformer(TransformerFile, Gated):
     def example_inputs(self) -> dict[str, Tensor]:
         return random_inputs(self, self.meta[META_KEY]["inputs"])
 
+    def graphs(self) -> list[TracedLayer]:
+        return [layer for _, layer in traced_layers(self)]
+
 
 
 def transformer_class(cls: type, role: type) -> type:

@@ -239,7 +239,10 @@ _TRANSFORMER = {
     "rejected": list_of(struct({"node": string, "module": string, "reason": string}), 10_000),
 }
 TRANSFORMER_KINDS = {
-    "gated": struct(_TRANSFORMER, {"fixed": mapping(decision)}),
+    # cut while training (progressive): the graphs are saved cut, so what the cuts saved
+    # cannot be measured again on loading, as for a traced model; it is kept
+    "gated": struct(_TRANSFORMER, {"fixed": mapping(decision), "cut": mapping(decision),
+                                   "cut_flops": integer(0, 2**62)}),
     "slim": struct({**_TRANSFORMER, "decisions": mapping(decision)}),
 }
 

@@ -26,13 +26,14 @@ from ..budget import project_to_budget
 from ..consensus import consensus
 from ..cost import flops_ratio
 from ..errors import ModelFileError
+from ..fx.cut import replay_cuts
 from ..fx.graph_module import Gated
 from ..hf.inputs import is_transformer
 from ..losses import gate_losses
 from ..saving.files import model_spec, read_spec, save
 from .config import TrainConfig
 from .controller import SparsityController
-from .progressive import pin_gates
+from .progressive import SettleTracker, cut_settled, pin_gates
 
 # TrainConfig's fields that GatesTrainer takes as keyword arguments; the rest of the recipe
 # (epochs, optimizer, learning rate, seed) is TrainingArguments'
@@ -52,6 +53,7 @@ class _GateState:
 
     lambda_act: float
     controller: SparsityController | None = None
+    tracker: SettleTracker | None = None  # with progressive: how long each gate agreed
     projected: bool = False
     lambda_polar: float = 0.0  # this step's, from the schedule
     r_polar: Tensor | None = None  # summed since the last log, on the model's device
@@ -59,8 +61,9 @@ class _GateState:
 
     def state_dict(self) -> dict[str, Any]:
         controller = self.controller.state_dict() if self.controller is not None else None
+        tracker = self.tracker.state_dict() if self.tracker is not None else None
         return {"lambda_act": self.lambda_act, "controller": controller,
-                "projected": self.projected}  # fmt: skip
+                "tracker": tracker, "projected": self.projected}  # fmt: skip
 
 
 class GatesTrainer(transformers.Trainer):
@@ -105,8 +108,9 @@ class GatesTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         _check_model(self.model, gate_config, self.args)
         self.gate_config = gate_config
+        tracker = SettleTracker(gate_config.settle_steps) if gate_config.progressive else None
         self.gates = _GateState(lambda_act=gate_config.lambda_act if gate_config.target is None
-                                else 0.0)  # fmt: skip
+                                else 0.0, tracker=tracker)  # fmt: skip
         self._resumed: dict[str, Any] | None = None  # a checkpoint's gate state, until `_begin`
         self._pinned: dict[str, Any] = {}  # and the decisions its gates were pinned to
         self.add_callback(_GateSteps(self))
@@ -225,15 +229,31 @@ class GatesTrainer(transformers.Trainer):
         if (k is not None and c.projection and not g.projected and g.lambda_polar > 0
                 and k.steps >= k.ramp_steps):  # fmt: skip
             decisions = project_to_budget(self.model, c.target, c.target_kind)
-            pin_gates(self.model, decisions)
+            if c.progressive:
+                self._cut(state, decisions)
+            else:
+                pin_gates(self.model, decisions)
             g.projected, g.lambda_act = True, 0.0
             logger.info(f"step {state.global_step + 1}: gates projected onto the target "
                         f"{c.target:g}")  # fmt: skip
 
-    def _after_step(self) -> None:
+    def _after_step(self, state: transformers.TrainerState) -> None:
         g = self.gates
+        if g.tracker is not None and g.lambda_polar > 0 and self.model.gates:
+            settled = g.tracker.update(self.model, self.args.world_size)
+            if settled:
+                self._cut(state, settled)
         if g.controller is not None and not g.projected:
             g.lambda_act = g.controller.step()
+
+    def _cut(self, state: transformers.TrainerState, decisions: dict[str, Any]) -> None:
+        """Progressive surgery: the gates in `decisions` leave the model, with the
+        branches they close; the optimizer goes on with the parameters left."""
+        removed = cut_settled(self.model, self.optimizer, decisions)
+        self.gates.tracker.forget(removed)
+        shut = sum(not d for d in decisions.values())
+        logger.info(f"step {state.global_step + 1}: cut {len(decisions)} settled gates out, "
+                    f"{shut} closed with their branches")  # fmt: skip
 
 
 class _GateSteps(transformers.TrainerCallback):
@@ -250,7 +270,7 @@ class _GateSteps(transformers.TrainerCallback):
         self.trainer._before_step(state)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._after_step()
+        self.trainer._after_step(state)
 
 
 def _check_model(model: nn.Module | None, config: TrainConfig, args: Any) -> None:
@@ -260,10 +280,11 @@ def _check_model(model: nn.Module | None, config: TrainConfig, args: Any) -> Non
             f"{type(model).__name__}; gate it first (consensus_gates.insert_gates(model, "
             "example_inputs)), or use transformers.Trainer for a plain one"
         )
-    if config.progressive:
+    if config.progressive and args.load_best_model_at_end:
         raise ValueError(
-            "progressive=True is not supported for Hugging Face models yet: train with "
-            "progressive=False, then consensus_gates.materialize(trainer.model)"
+            "progressive=True cuts gates out of the model as it trains, so an earlier (best) "
+            "checkpoint no longer fits it at the end: set load_best_model_at_end=False, or "
+            "progressive=False"
         )
     if args.ddp_find_unused_parameters is False:
         raise ValueError(
@@ -273,9 +294,13 @@ def _check_model(model: nn.Module | None, config: TrainConfig, args: Any) -> Non
 
 
 def _load_weights(model: nn.Module, path: Path) -> dict[str, Any]:
-    """`path`'s weights into `model`, which must be the same gated architecture; returns the
+    """`path`'s weights into `model`, which must be the same gated architecture (once the
+    gates the file's run had cut out while training are cut out of it too); returns the
     decisions its gates were pinned to."""
     spec = read_spec(path)
+    cut = {n: d for n, d in (spec.get("cut") or {}).items() if n in model.gates}
+    if cut and isinstance(spec.get("cut"), dict):
+        replay_cuts(model, cut)
     mine = json.loads(json.dumps(model_spec(model)))  # as the file holds it: lists, str keys
     if {k: v for k, v in spec.items() if k != "fixed"} != {k: v for k, v in mine.items()
                                                            if k != "fixed"}:  # fmt: skip
@@ -292,6 +317,8 @@ def _restore(g: _GateState, state: dict[str, Any]) -> None:
         g.lambda_act, g.projected = float(state["lambda_act"]), bool(state["projected"])
         if g.controller is not None:
             g.controller.load_state_dict(state["controller"])
+        if g.tracker is not None:
+            g.tracker.load_state_dict(state["tracker"])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"the checkpoint's {STATE_FILE} is incomplete ({e!r})") from e
 

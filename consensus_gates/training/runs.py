@@ -93,9 +93,12 @@ def _model_identity(spec: dict[str, Any]) -> dict[str, Any]:
     the gates a user fixed."""
     spec = _jsonable(spec)
     source, config = spec.pop("source", None) or {}, spec.pop("config", None) or {}
-    for t in spec.get("inputs") or []:
+    inputs = spec.get("inputs") or []
+    for t in inputs.values() if isinstance(inputs, dict) else inputs:  # a transformer's: named
         t["shape"] = t["shape"][1:]
-    rest = {k: v for k, v in spec.items() if k not in ("format", "version", "fixed", "cut")}
+    # a transformer's spec holds its layers' graphs, which a cut while training changed
+    skip = ("format", "version", "fixed", "cut", "cut_flops", "layers", "removed_layers")
+    rest = {k: v for k, v in spec.items() if k not in skip}
     gates = {f"gates.{k}": v for k, v in config.items()}
     return {"model": source.get("name"), "model_args": source.get("kwargs"), **gates, **rest}
 

@@ -41,7 +41,6 @@ from ..cost import flops_ratio, total_cost
 from ..errors import TrainingDiverged
 from ..fx.cut import replay_cuts
 from ..fx.graph_module import Gated
-from ..hf.inputs import is_transformer
 from ..losses import gate_losses
 from ..saving.files import model_spec
 from ..saving.spec import parse_spec
@@ -236,12 +235,6 @@ def _set_up(
         raise ValueError(
             f"config.progressive cuts settled gates out; a plain {type(model).__name__} has "
             "none (call insert_gates first, or set progressive=False)"
-        )
-    if config.progressive and is_transformer(model):
-        raise ValueError(
-            "config.progressive cuts gates out of a traced graph while training; a Hugging "
-            "Face model's graphs are per layer, which it does not support yet: train with "
-            "progressive=False, then materialize()"
         )
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
