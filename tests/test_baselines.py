@@ -130,7 +130,7 @@ def test_drop_layers_refuses_a_target_below_no_branches():
     model = resnet()
     floor = ratio(drop_layers(model, X, 0.005), model)  # the stem and the classifier
     assert floor == pytest.approx(0.0046, abs=1e-4)
-    with pytest.raises(ValueError, match="out of reach: removing all 9 residual branches"):
+    with pytest.raises(ValueError, match="out of reach: closing all 9 gates"):
         drop_layers(model, X, 0.004)
 
 

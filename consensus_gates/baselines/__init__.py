@@ -7,6 +7,9 @@ sub-network at a matched FLOPs ratio.
   train, prune, fine-tune.
 - `density`: activation-density pruning during training (`DensityPruning`, an `epoch_end`
   for the trainer's `train`).
+- `depth`: the depth pruners of language models, ShortGPT's Block Influence, LLM-Drop,
+  Shortened LLaMA's removal loss and FinerCut's greedy search (`block_influence`,
+  `removal_loss`, `greedy_removal`), as decisions for a gated model's gates.
 - `space`: what the channel baselines may cut, the internal widths of the residual branches
   (`inner_layers`).
 
@@ -15,6 +18,7 @@ study methods that run these at an equal budget are in `consensus_gates.experime
 """
 
 from .density import DensityPruning, activation_density
+from .depth import block_influence, greedy_removal, influences, random_order, removal_loss
 from .naive import drop_layers, drop_weights, sparse_flops_ratio
 from .pruners import IMPORTANCES, prune_to_flops
 
@@ -22,6 +26,11 @@ __all__ = [
     "IMPORTANCES",
     "DensityPruning",
     "activation_density",
+    "block_influence",
+    "greedy_removal",
+    "influences",
+    "random_order",
+    "removal_loss",
     "drop_layers",
     "drop_weights",
     "prune_to_flops",

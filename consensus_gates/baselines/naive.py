@@ -4,15 +4,15 @@ from a trained network, with no retraining."""
 from __future__ import annotations
 
 import copy
-import random
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ..cost import flops, flops_ratio, module_flops
+from ..cost import flops, module_flops
 from ..fx.insert import insert_gates
 from ..slimming import materialize
+from .depth import random_order
 
 WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -59,28 +59,13 @@ def drop_layers(
 ) -> fx.GraphModule:
     """Residual branches removed at random until the FLOPs ratio reaches `target_flops`.
 
-    Branches are closed in a seeded random order; of the last two states, the one whose
-    FLOPs ratio is closer to the target is cut out with `materialize`: a slim GraphModule
-    (its ``meta["consensus_gates"]["decisions"]`` says which branches are left).
+    Branches are closed in a seeded random order (`depth.random_order`); of the last two
+    states, the one whose FLOPs ratio is closer to the target is cut out with `materialize`:
+    a slim GraphModule (its ``meta["consensus_gates"]["decisions"]`` says which branches
+    are left).
 
     Raises:
         ValueError: `target_flops` is below the ratio with every branch removed.
     """
     gated = insert_gates(model, example_inputs)
-    order = list(gated.gates)
-    random.Random(seed).shuffle(order)
-    floor = flops_ratio(gated, dict.fromkeys(order, False))
-    if target_flops < floor:
-        raise ValueError(
-            f"target_flops={target_flops} is out of reach: removing all {len(order)} residual "
-            f"branches leaves a FLOPs ratio of {floor:.3f}"
-        )
-    states = [(1.0, dict.fromkeys(order, True))]  # (FLOPs ratio, decisions), one more closed
-    for name in order:
-        ratio, decisions = states[-1]
-        if ratio <= target_flops:
-            break
-        closed = {**decisions, name: False}
-        states.append((flops_ratio(gated, closed), closed))
-    _, decisions = min(states[-2:], key=lambda state: abs(state[0] - target_flops))
-    return materialize(gated, decisions)
+    return materialize(gated, random_order(gated, target_flops, seed))
