@@ -87,7 +87,8 @@ def test_loss_based_searches_close_the_harmless_layer_first(search):
         dense = [model(**b).logits for b in batches]
 
     def loss(m):  # how far from the dense model: zero without the harmless layer only
-        return sum(float((m(**b).logits - d).square().mean()) for b, d in zip(batches, dense))
+        pairs = zip(batches, dense, strict=True)
+        return sum(float((m(**b).logits - d).square().mean()) for b, d in pairs)
 
     decisions = search(gated, loss, target=0.7)
     assert [n for n, d in decisions.items() if not d] == ["model.layers.0"]
