@@ -220,3 +220,15 @@ def test_cli_slim_hf_folder_refuses_a_branch_cut_before_writing(tmp_path):
     assert "keep only part of their blocks" in result.output
     assert "granularity='layer'" in result.output
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_the_plain_model_keeps_the_generation_settings():
+    """A Trainer sets config.use_cache=False; a generation config made from that config
+    would generate without the KV cache, at a fraction of the speed."""
+    gated = cg.insert_gates(tiny("llama"), inputs("llama"), WHOLE)
+    slim = cg.materialize(gated, _alternate(gated))
+    slim.config.use_cache = False  # as transformers.Trainer leaves it
+    slim.generation_config.max_new_tokens = 7
+    plain = cg.hf.to_transformers(slim)
+    assert plain.generation_config.use_cache is True
+    assert plain.generation_config.max_new_tokens == 7
