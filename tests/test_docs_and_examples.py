@@ -27,9 +27,12 @@ def test_ci_runs_the_readme_test_command():
     assert any(line.strip() == test_cmd for line in ci.splitlines())
 
 
-def _run_readme_block(marker: str, tmp_path, monkeypatch) -> dict:
-    """Run README's python block that mentions `marker` in `tmp_path`; its namespace."""
+def _run_readme_block(marker: str, tmp_path, monkeypatch, skip: str | None = None) -> dict:
+    """Run README's python block that mentions `marker` in `tmp_path`, without its lines
+    that mention `skip`; its namespace."""
     (code,) = [c for c in re.findall(r"```python\n(.*?)```", README, re.S) if marker in c]
+    if skip is not None:
+        code = "\n".join(line for line in code.splitlines() if skip not in line)
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     namespace: dict = {}
@@ -39,12 +42,14 @@ def _run_readme_block(marker: str, tmp_path, monkeypatch) -> dict:
 
 @pytest.mark.slow
 def test_readme_python_example_runs(tmp_path, monkeypatch):
-    """The resnet50 snippet: gate, 3 training steps, consensus, slim, save, export."""
-    namespace = _run_readme_block("resnet50", tmp_path, monkeypatch)
+    """The resnet50 snippet: gate, 3 training steps, consensus, slim, save, export. Its
+    AOTInductor line compiles for most of a minute; tests/test_aot.py runs that export."""
+    namespace = _run_readme_block("resnet50", tmp_path, monkeypatch, skip="slim.aoti.pt2")
     cg, gated, slim = namespace["cg"], namespace["gated"], namespace["slim"]
     assert len(gated.gates) == 16
     assert not any(isinstance(m, cg.LayerGate) for m in slim.modules())
     assert (tmp_path / "slim.safetensors").is_file() and (tmp_path / "slim.pt2").is_file()
+    assert (tmp_path / "slim.onnx").is_file()
 
 
 def test_readme_transformers_example_runs(tmp_path, monkeypatch):
@@ -186,5 +191,11 @@ def test_llm_depth_pruning_example_quick(tmp_path):
     assert flops[1] < flops[0] and params[1] < params[0]
     assert abs(flops[1] / flops[0] - results["target"]) < 0.1
     assert (out / "dense" / "config.json").is_file() and (out / "slim.safetensors").is_file()
+    # whole-layer gates, the default: the cut is a plain LlamaForCausalLM folder, which a
+    # process without consensus_gates loads, with the cut model's logits
+    plain = results["plain_transformers"]
+    assert plain["class"] == "LlamaForCausalLM" and plain["layers"] == results["layers"][1]
+    assert plain["imports_consensus_gates"] == "False" and plain["max_logit_difference"] < 1e-4
+    assert results["perplexity"]["reloaded cut"] == pytest.approx(ppl["slim"], rel=1e-5)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "--overwrite" in again.stderr

@@ -131,3 +131,18 @@ def test_both_cache_paths_work_and_save_however_the_layer_was_traced(tmp_path, a
             if m is not slim and m is not loaded:
                 assert torch.equal(tokens[0], want)
         torch.testing.assert_close(loaded(**x).logits, slim(**x).logits, rtol=0, atol=0)
+
+
+def test_a_tuple_concatenation_is_not_a_sum_and_umt5_says_why_attention_is_not_gated():
+    """UMT5 returns ``(hidden,) + attention_output[1:]``: an add node of tuples, which took
+    the residual addition before it for a term of a larger sum, and left it out unsaid."""
+    config = T.UMT5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                          num_decoder_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1,
+                          decoder_start_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = T.UMT5ForConditionalGeneration(config).eval()
+    ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="without a gate") as caught:
+        cg.insert_gates(model, {"input_ids": ids, "decoder_input_ids": ids[:, :4]})
+    message = next(str(w.message) for w in caught if "without a gate" in str(w.message))
+    assert "also used outside it: encoder.block.0.layer.0 (add_1)" in message

@@ -135,6 +135,12 @@ def is_add(node: fx.Node) -> bool:
     )
 
 
+def _tensor_valued(node: fx.Node) -> bool:
+    """Whether the node's recorded value is one tensor (its shape a tuple of sizes)."""
+    shape = node.meta.get("cg_shape")
+    return isinstance(shape, tuple) and all(isinstance(d, int) for d in shape)
+
+
 def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return next(reversed(stack.values()))[0] if stack else ""
@@ -256,15 +262,14 @@ def _flatten_sum(
 def find_blocks(gm: fx.GraphModule, num_inputs: int = 1) -> tuple[list[Branch], list[Rejected]]:
     """Residual branches of a traced graph whose nodes carry ``cg_shape`` (see `record_shapes`)."""
     g = _Graph(gm, num_inputs)
-    adds = [n for n in gm.graph.nodes if is_add(n) and n in g.data]
+    # of tensors: ``(hidden,) + outputs[1:]`` is an add node too (UMT5)
+    adds = [n for n in gm.graph.nodes if is_add(n) and n in g.data and _tensor_valued(n)]
     # An add whose only user is another add (with no `alpha`) is one term of a larger sum.
+    tensor_adds = set(adds)
     absorbed = {
         n
         for n in adds
-        if len(n.users) == 1
-        and is_add(next(iter(n.users)))
-        and not n.kwargs
-        and next(iter(n.users)) in g.data
+        if len(n.users) == 1 and not n.kwargs and next(iter(n.users)) in tensor_adds
     }
     found: list[tuple[str, fx.Node, fx.Node, fx.Node, set]] = []
     rejected: list[Rejected] = []

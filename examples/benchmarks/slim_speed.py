@@ -77,9 +77,10 @@ def setup(quick: bool, device: str, threads: int) -> dict[str, Any]:
             "levels": (0.5,),
             "p2": small,
             "p2_levels": (0.5,),
-            # AOTInductor compiles for minutes (tests/test_aot.py has it), and freed memory
-            # kept has tests/test_bench.py's own test: each form is a process per model
-            "forms": (FORMS[0], FORMS[2], FORMS[4]),
+            # AOTInductor compiles for minutes (tests/test_aot.py has it), freed memory kept
+            # has tests/test_bench.py's own test and .onnx tests/test_onnx.py's: each form
+            # is an export and a process per model
+            "forms": (FORMS[0], FORMS[2]),
             "p2m_rounds": 1,
             "p1f": [(small, (0.5,))],
             "p3": {"name": "resnet20", "batch": 16, "warmup": 1, "steps": 2, "rounds": 1},
@@ -210,15 +211,19 @@ def deployable_forms(device: str) -> tuple:
     return tuple(f for f in FORMS if f[1] != ".onnx")
 
 
-def write_forms(models: Mapping[str, nn.Module], x: torch.Tensor, tmp: Path) -> dict:
-    """Each model saved and exported: file kind → label → file."""
-    files: dict[str, dict[str, Path]] = {"module": {}, ".pt2": {}, ".onnx": {}}
+def write_forms(models: Mapping[str, nn.Module], x: torch.Tensor, tmp: Path,
+                forms: tuple) -> dict:  # fmt: skip
+    """Each model saved, and exported to the file kinds `forms` time: kind → label → file."""
+    kinds = {kind for _, kind, _ in forms}
+    files: dict[str, dict[str, Path]] = {kind: {} for kind in kinds}
     for i, (label, model) in enumerate(models.items()):
-        files["module"][label] = tmp / f"m{i}.safetensors"
-        cg.save(model, files["module"][label])
-        for kind in (".pt2", ".onnx"):
-            files[kind][label] = tmp / f"m{i}{kind}"
-            cg.export(model, x, files[kind][label])
+        for kind in kinds:
+            if kind == "module":
+                files[kind][label] = tmp / f"m{i}.safetensors"
+                cg.save(model, files[kind][label])
+            else:
+                files[kind][label] = tmp / f"m{i}{kind}"
+                cg.export(model, x, files[kind][label])
     return files
 
 
@@ -236,7 +241,8 @@ def p1_forms(arch: Arch, levels: tuple[float, ...], forms: tuple, tmp: Path) -> 
     """P1's latency ratios, slim/original, in every deployable form."""
     shape = "x".join(map(str, arch.shape))
     models = {label: model for label, (model, _) in variants(arch, levels).items()}
-    timed = time_forms(write_forms(models, torch.randn(2, *arch.shape), tmp), arch, forms)
+    files = write_forms(models, torch.randn(2, *arch.shape), tmp, forms)
+    timed = time_forms(files, arch, forms)
     flops = {k: m.flops / timed[".pt2"]["original"].flops for k, m in timed[".pt2"].items()}
     rows = []
     for label in models:
@@ -260,7 +266,8 @@ def timed_twins(arch: Arch, levels: tuple[float, ...], forms: tuple, tmp: Path) 
         counts = [sum(v for n, v in keep.items() if n.startswith(f"layer{s}.")) for s in (1, 2, 3)]
         hand = cg.create_model("cifar_resnet", blocks=counts).eval()
         hand.load_state_dict(slim.state_dict())  # same names, same shapes: the same network
-        files = write_forms({"slim": slim, "hand": hand}, torch.randn(2, *arch.shape), tmp)
+        files = write_forms({"slim": slim, "hand": hand}, torch.randn(2, *arch.shape), tmp,
+                            forms)  # fmt: skip
         yield label, counts, time_forms(files, arch, forms)
 
 
