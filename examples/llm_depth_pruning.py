@@ -1,26 +1,31 @@
-"""Depth pruning of a small language model with consensus gates: learn which attention and
-MLP blocks to drop during a short fine-tune, cut them out, and measure what was gained.
+"""Depth pruning of a small language model with consensus gates: learn which layers to drop
+during a short fine-tune with `transformers.Trainer`, cut them out, and hand back a plain
+Hugging Face model that is measurably faster.
 
 Runs offline on any machine. The corpus is the Python standard library's own source code,
 the tokenizer is the bytes themselves (a vocabulary of 256), and the model is a Llama built
 from a config and trained here from scratch:
 
-1. pretrain the dense model;
-2. gate every layer's attention and MLP branch, and fine-tune weights and gates together
-   with the polarizer and a FLOPs target (`TrainConfig.target`);
-3. cut the consensus out (`materialize`): closed branches go, and a layer with both closed
-   goes entirely, its KV cache entry with it;
+1. pretrain the dense model (`transformers.Trainer`);
+2. put a gate on every whole layer (`GateConfig(granularity="layer")`, or on each
+   attention and MLP branch with ``--granularity branch``) and fine-tune weights and gates
+   together with `cg.GatesTrainer`, the polarizer and a FLOPs target;
+3. cut the consensus out (`materialize`): closed layers go, their KV cache entries with
+   them; with whole-layer gates, `cg.hf.to_transformers` gives a `LlamaForCausalLM` with
+   fewer layers, saved with `save_pretrained` and reloaded with plain `from_pretrained`
+   (also in a fresh process that never imports consensus_gates);
 4. compare dense and cut: perplexity, FLOPs per token, parameters, and greedy `generate()`
-   tokens per second, timed in alternation in this process. The dense model's perplexity
-   is also given after the same fine-tune without gates ("dense, same steps"), the fair
-   comparison: the cut model trained that much longer than the pretrained one.
+   tokens per second of the reloaded folders, timed in alternation in this process. The
+   dense model's perplexity is also given after the same fine-tune without gates ("dense,
+   same steps"), the fair comparison: the cut model trained that much longer.
 
-    python examples/llm_depth_pruning.py                  # about 17 minutes on 2 CPU cores
+    python examples/llm_depth_pruning.py                  # about 20 minutes on 2 CPU cores
     python examples/llm_depth_pruning.py --quick          # a smoke run, under a minute
-    python examples/llm_depth_pruning.py --target 0.5 --out runs/llm
+    python examples/llm_depth_pruning.py --target 0.5 --granularity branch --out runs/llm
 
-It writes OUT/dense (save_pretrained), OUT/slim.safetensors (consensus_gates.save) and
-OUT/results.json, and refuses an OUT that holds them unless --overwrite.
+It writes OUT/dense (save_pretrained), OUT/slim.safetensors (consensus_gates.save), OUT/hf
+(the cut as a plain save_pretrained folder, whole-layer gates only) and OUT/results.json,
+and refuses an OUT that holds them unless --overwrite.
 """
 
 from __future__ import annotations
@@ -30,19 +35,27 @@ import copy
 import json
 import math
 import statistics
+import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
 
 import consensus_gates as cg
 
-OUTPUTS = ("dense", "slim.safetensors", "results.json")
+OUTPUTS = ("dense", "slim.safetensors", "hf", "results.json")
 
 
 def stdlib_bytes(limit: int) -> bytes:
@@ -62,22 +75,41 @@ def stdlib_bytes(limit: int) -> bytes:
     return b"".join(chunks)[:limit]
 
 
-def loaders(text: bytes, seq: int, batch: int, seed: int) -> tuple[DataLoader, DataLoader]:
-    """Non-overlapping windows of `seq` bytes, 95% to train on; batches are dicts with
-    ``labels``, so the model computes its own shifted next-token loss."""
+def datasets(text: bytes, seq: int) -> tuple[list[dict], list[dict]]:
+    """Non-overlapping windows of `seq` bytes, 95% to train on, as rows with ``labels``, so
+    the model computes its own shifted next-token loss."""
     ids = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
     windows = ids[: len(ids) // seq * seq].view(-1, seq)
     split = int(len(windows) * 0.95)
+    return ([{"input_ids": w, "labels": w} for w in windows[:split]],
+            [{"input_ids": w, "labels": w} for w in windows[split:]])  # fmt: skip
 
-    def collate(rows):
-        x = torch.stack(rows)
-        return {"input_ids": x, "labels": x}
 
-    g = torch.Generator().manual_seed(seed)
-    train = DataLoader(list(windows[:split]), batch, shuffle=True, generator=g,
-                       collate_fn=collate, drop_last=True)  # fmt: skip
-    val = DataLoader(list(windows[split:]), batch, collate_fn=collate)
-    return train, val
+def batches(rows: list[dict], batch: int) -> DataLoader:
+    return DataLoader(rows, batch, collate_fn=lambda r: {k: torch.stack([x[k] for x in r])
+                                                         for k in r[0]})  # fmt: skip
+
+
+def reload_elsewhere(folder: Path, x: torch.Tensor) -> dict:
+    """Load `folder` with plain transformers in a fresh process that never imports
+    consensus_gates, and return its class, layer count and logits on `x`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({"x": x}, f"{tmp}/x.safetensors")
+        code = (
+            "import sys, torch, transformers\n"
+            "from safetensors.torch import load_file, save_file\n"
+            f"m = transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()\n"
+            f"x = load_file({tmp + '/x.safetensors'!r})['x']\n"
+            "with torch.no_grad():\n"
+            f"    save_file({{'y': m(input_ids=x).logits}}, {tmp + '/y.safetensors'!r})\n"
+            "print(type(m).__name__, m.config.num_hidden_layers,\n"
+            "      any(k.startswith('consensus_gates') for k in sys.modules))\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+        name, layers, imported = done.stdout.split()
+        return {"class": name, "layers": int(layers), "imports_consensus_gates": imported,
+                "logits": load_file(f"{tmp}/y.safetensors")["y"]}  # fmt: skip
 
 
 def tokens_per_second(model, prompt: torch.Tensor, new: int) -> float:
@@ -106,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run")
     p.add_argument("--target", type=float, default=0.6, help="FLOPs kept, of the dense model")
+    p.add_argument("--granularity", choices=("layer", "branch"), default="layer",
+                   help="a gate per whole layer, or per attention and MLP branch")  # fmt: skip
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--corpus", type=int, default=1_200_000, help="bytes of source to use")
     p.add_argument("--pretrain-epochs", type=int, default=2)
@@ -121,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     q = args.quick
     seq, batch = (64, 8) if q else (128, 16)
-    train, val = loaders(stdlib_bytes(100_000 if q else args.corpus), seq, batch, args.seed)
+    train, val = datasets(stdlib_bytes(100_000 if q else args.corpus), seq)
     config = LlamaConfig(
         vocab_size=256, hidden_size=64 if q else 128, intermediate_size=160 if q else 352,
         num_hidden_layers=4 if q else args.layers, num_attention_heads=4,
@@ -130,38 +164,53 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     dense = LlamaForCausalLM(config)
 
-    def recipe(epochs: int, lr: float, **kw) -> cg.TrainConfig:
-        return cg.TrainConfig(
-            epochs=epochs, optimizer="adamw", lr=lr, weight_decay=0.01, milestones=(epochs,),
-            seed=args.seed, progress=not q, **kw,
+    def run(trainer_class, model, epochs: int, lr: float, folder: str, **gate_options):
+        """The Trainer's usual arguments: AdamW, a constant learning rate, no checkpoints."""
+        arguments = TrainingArguments(
+            str(out / "trainer" / folder), num_train_epochs=epochs, learning_rate=lr,
+            weight_decay=0.01, lr_scheduler_type="constant", per_device_train_batch_size=batch,
+            logging_steps=50, save_strategy="no", report_to=[], use_cpu=True,
+            disable_tqdm=q, seed=args.seed, data_seed=args.seed,
         )  # fmt: skip
+        trainer_class(model=model, args=arguments, train_dataset=train, **gate_options).train()
+        return model.eval()
 
-    print(f"corpus: {len(train.dataset) * seq:,} training bytes of the standard library")
-    pretrain = recipe(1 if q else args.pretrain_epochs, 3e-3, lambda_polar=0.0, lambda_act=0.0)
-    cg.train(dense, train, val, pretrain)
-    example = next(iter(val))
+    print(f"corpus: {len(train) * seq:,} training bytes of the standard library")
+    run(Trainer, dense, 1 if q else args.pretrain_epochs, 3e-3, "pretrain")
+    example = {"input_ids": val[0]["input_ids"][None]}
     control = copy.deepcopy(dense)  # fine-tuned as long as the gated model, without gates
-    gated = cg.insert_gates(dense, {"input_ids": example["input_ids"]})
+    gate_config = cg.GateConfig(granularity=args.granularity)
+    gated = cg.insert_gates(dense, example, gate_config)
     print(f"{len(gated.gates)} gates: {', '.join(list(gated.gates)[:4])}, ...")
-    fine_tune = recipe(1 if q else args.epochs, 1e-3, lambda_polar=0.5, target=args.target,
-                       polar_schedule="constant")  # fmt: skip
-    cg.train(gated, train, val, fine_tune)
+    epochs = 1 if q else args.epochs
+    run(cg.GatesTrainer, gated.train(), epochs, 1e-3, "gated", lambda_polar=0.5,
+        target=args.target, polar_schedule="constant")  # fmt: skip
     print("the same fine-tune without gates:")
-    cg.train(control, train, val, replace(fine_tune, lambda_polar=0.0, lambda_act=0.0, target=None))
+    run(Trainer, control.train(), epochs, 1e-3, "control")
     decisions = cg.consensus(gated)
     slim = cg.materialize(gated, decisions).eval()
-    dense.eval()
     print(decisions)
 
-    x = {"input_ids": example["input_ids"][:1]}
-    ppl = {name: math.exp(cg.evaluate_loss(m, val)) for name, m in
+    out.mkdir(parents=True, exist_ok=True)
+    dense.save_pretrained(out / "dense")
+    cg.save(slim, out / "slim.safetensors")
+    plain = None
+    if args.granularity == "layer":  # a cut of whole layers is a LlamaForCausalLM
+        cg.hf.to_transformers(slim).save_pretrained(out / "hf")
+        plain = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    cut = plain if plain is not None else slim
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "dense").eval()
+
+    val_batches = batches(val, batch)
+    ppl = {name: math.exp(cg.evaluate_loss(m, val_batches)) for name, m in
            (("dense", dense), ("dense, same steps", control), ("gated", gated),
-            ("slim", slim))}  # fmt: skip
-    cost = {name: cg.flops(m, x) for name, m in (("dense", dense), ("slim", slim))}
-    prompt = example["input_ids"][:1, :16]
-    speed = generation_speed(dense, slim, prompt, new=16 if q else 96, rounds=2 if q else 5)
+            ("slim", slim), ("reloaded cut", cut))}  # fmt: skip
+    cost = {name: cg.flops(m, example) for name, m in (("dense", dense), ("slim", slim))}
+    prompt = example["input_ids"][:, :16]
+    speed = generation_speed(reloaded, cut, prompt, new=16 if q else 96, rounds=2 if q else 5)
     results = {
         "target": args.target,
+        "granularity": args.granularity,
         "layers": [len(dense.model.layers), len(slim.model.layers)],
         "closed": [n for n, d in decisions.decisions.items() if not d],
         "perplexity": ppl,
@@ -170,6 +219,12 @@ def main(argv: list[str] | None = None) -> dict:
         "generate_tokens_per_s": speed,
         "torch_threads": torch.get_num_threads(),
     }
+    if plain is not None:
+        elsewhere = reload_elsewhere(out / "hf", prompt)
+        with torch.no_grad():
+            gap = (elsewhere.pop("logits") - slim(input_ids=prompt).logits).abs().max().item()
+        results["plain_transformers"] = {**elsewhere, "max_logit_difference": gap,
+                                         "class_here": type(plain).__name__}  # fmt: skip
     print(f"\n{'':<26}{'dense':>12}{'cut':>12}{'cut/dense':>11}")
     rows = [("validation perplexity", ppl["dense"], ppl["slim"]),
             ("MFLOPs per token", cost["dense"].flops / 1e6, cost["slim"].flops / 1e6),
@@ -181,13 +236,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"layers {results['layers'][0]} -> {results['layers'][1]}; closed: {closed}; "
           f"gated perplexity {ppl['gated']:.3f}; dense after the same fine-tune without "
           f"gates: {ppl['dense, same steps']:.3f}")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    dense.save_pretrained(out / "dense")
-    cg.save(slim, out / "slim.safetensors")
+    if plain is not None:
+        r = results["plain_transformers"]
+        print(f"{out / 'hf'}: a {r['class']} of {r['layers']} layers in a fresh process "
+              f"(consensus_gates imported there: {r['imports_consensus_gates']}), logits "
+              f"within {r['max_logit_difference']:.1e} of the cut model's")  # fmt: skip
     tmp = out / ".results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(out / "results.json")
-    print(f"wrote {out / 'dense'}, {out / 'slim.safetensors'}, {out / 'results.json'}")
+    print(f"wrote {', '.join(str(out / f) for f in OUTPUTS if (out / f).exists())}")
     return results
 
 
