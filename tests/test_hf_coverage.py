@@ -146,3 +146,19 @@ def test_a_tuple_concatenation_is_not_a_sum_and_umt5_says_why_attention_is_not_g
         cg.insert_gates(model, {"input_ids": ids, "decoder_input_ids": ids[:, :4]})
     message = next(str(w.message) for w in caught if "without a gate" in str(w.message))
     assert "also used outside it: encoder.block.0.layer.0 (add_1)" in message
+
+
+def test_a_leaf_that_adds_its_own_residual_is_said():
+    """Canine's first character layer runs its local attention whole, residual included:
+    no gate can go there, and the warning says so instead of leaving it out."""
+    config = T.CanineConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = T.CanineForSequenceClassification(config).eval()
+    ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="without a gate") as caught:
+        gated = cg.insert_gates(model, {"input_ids": ids})
+    message = next(str(w.message) for w in caught if "without a gate" in str(w.message))
+    assert ("adds its own residual inside: canine.initial_char_encoder.layer.0.attention"
+            in message)  # fmt: skip
+    assert "canine.initial_char_encoder.layer.0.output" in gated.gates

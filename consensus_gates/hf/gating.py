@@ -7,6 +7,7 @@ The result is still an instance of the model's class (a subclass made once per c
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from ..config import GateConfig
 from ..fx.gating import gate_graph, gate_whole_graph, match_model
-from ..fx.graph_module import META_KEY, Gated
+from ..fx.graph_module import META_KEY, Gated, gate_nodes
 from ..gates.modules import Gate
 from .layer import TracedLayer, plain_attributes, traced_layer
 from .outputs import install_recording_hooks, kept_modules, retype
@@ -106,6 +107,7 @@ def insert_transformer_gates(
                 gm, tuple(layer_inputs), config, what, num_inputs=1, prefix=f"{path}."
             )
             rejected += [{**r.__dict__, "module": f"{path}.{r.module}"} for r in refused]
+            rejected += _stream_leaves(layer_gated, path)
         match_model(layer_gated, layer, layer_inputs[0])
         name, attributes = type(layer).__name__, plain_attributes(layer)
         set_module(gated, path, traced_layer(layer_gated, call, path, name, attributes, layer))
@@ -114,6 +116,27 @@ def insert_transformer_gates(
     gated.meta = {META_KEY: _meta(gated, inputs, config, rejected)}
     gated.train(was_training)
     return gated
+
+
+def _stream_leaves(gm: torch.fx.GraphModule, path: str) -> list[dict[str, str]]:
+    """Modules run whole (leaves) that take the layer's hidden states and give back the
+    stream a gated branch is added to: their own residual addition is inside them, where
+    no gate can go (Canine's local attention)."""
+    first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    found = []
+    for node, _ in gate_nodes(gm):
+        (scaled,) = node.users
+        (merge,) = scaled.users
+        skip = merge.args[1] if merge.args[0] is scaled else merge.args[0]
+        if getattr(skip, "target", None) is operator.getitem:
+            skip = skip.args[0]
+        if (isinstance(skip, torch.fx.Node) and skip.op == "call_module" and skip.args
+                and skip.args[0] is first  # not an nn.Identity or a dropout:
+                and any(True for _ in gm.get_submodule(skip.target).parameters())):  # fmt: skip
+            found.append({"node": skip.name, "module": f"{path}.{skip.target}",
+                          "reason": "a module run whole (fx cannot trace it) adds its own "
+                                    "residual inside"})  # fmt: skip
+    return found
 
 
 def gated_names(model: nn.Module) -> list[str]:
