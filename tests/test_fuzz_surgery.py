@@ -47,7 +47,7 @@ _common = dict(
 )
 # CI: a fixed seed, about 70 s on one core (the suite must stay under 10 minutes on 2 cores);
 # CG_FUZZ=long: new random networks each run
-settings.register_profile("fuzz-ci", derandomize=True, max_examples=160, **_common)
+settings.register_profile("fuzz-ci", derandomize=True, max_examples=100, **_common)
 settings.register_profile("fuzz-long", max_examples=2000, **_common)
 PROFILE = settings.get_profile("fuzz-" + os.environ.get("CG_FUZZ", "ci"))
 # save, load and export cost several surgeries each: a fifth as many networks

@@ -50,7 +50,8 @@ def to_transformers(model: nn.Module) -> nn.Module:
     plain.load_state_dict({k: state[k] for k in plain.state_dict()}, strict=True)
     # generate()'s settings are the model's, not what a config would give a fresh one (a
     # Trainer sets config.use_cache=False, and a fresh generation config follows it)
-    plain.generation_config = copy.deepcopy(model.generation_config)
+    if getattr(model, "generation_config", None) is not None:  # a model that generates
+        plain.generation_config = copy.deepcopy(model.generation_config)
     return plain.train(model.training)
 
 
