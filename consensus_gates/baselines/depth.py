@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..consensus import fix_decisions
 from ..cost import flops_ratio
-from ..fx.graph_module import Gated, gate_nodes, require_gated
+from ..fx.graph_module import Gated, gate_nodes, merge_of, require_gated
 
 Decisions = dict[str, bool]
 # the similarities `_observe` adds up while `block_influence` runs the calibration batches
@@ -158,10 +158,9 @@ def _observing(gated: Gated) -> Iterator[None]:
     for gm in gated.graphs():
         for node, gate in gate_nodes(gm):
             (scaled,) = node.users  # mul(branch, gate), as insert_gates builds it
-            (merge,) = scaled.users
+            merge, skip = merge_of(scaled)
             if merge.target is not operator.add:
                 continue
-            skip = merge.args[1] if merge.args[0] is scaled else merge.args[0]
             with gm.graph.inserting_after(merge):
                 added.append((gm, gm.graph.call_function(_observe, (gate.name, skip, merge))))
     for gm in {id(g): g for g, _ in added}.values():

@@ -46,11 +46,11 @@ def load_for_bench(
         module = load_program(path).module()
         return TokenProgram.read(module, token_metadata(path), str(path))
     if path.suffix == ".onnx":
-        from ..saving.onnx_files import OnnxRuntimeModel, check_onnx, token_metadata
+        from ..saving.onnx_files import OnnxRuntimeModel, token_metadata
 
         config = config or BenchConfig()
         module = OnnxRuntimeModel(path, config.device, config.threads)
-        return TokenProgram.read(module, token_metadata(check_onnx(path)), str(path))
+        return TokenProgram.read(module, token_metadata(module), str(path))
     if path.is_dir() and (path / "config.json").is_file():
         from ..hf.files import load_pretrained_folder
 

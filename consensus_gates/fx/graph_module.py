@@ -94,6 +94,13 @@ def gate_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, Gate]]:
     ]
 
 
+def merge_of(scaled: fx.Node) -> tuple[fx.Node, Any]:
+    """The addition that merges a gated branch (`scaled`, its product with the gate) into
+    the stream, and that addition's other operand, the skip, as insert_gates builds them."""
+    (merge,) = scaled.users
+    return merge, merge.args[1] if merge.args[0] is scaled else merge.args[0]
+
+
 def attr_name(name: str) -> str:
     """A gate or block name as a module attribute name (no '.', '#' or '/')."""
     return name.replace(".", "_").replace("#", "_").replace("/", "__")

@@ -17,7 +17,7 @@ from torch import nn
 from ..gates.modules import ChannelGate, LayerGate
 from .blocks import producer_chain
 from .fold import fold_closed_points
-from .graph_module import attr_name, example_inputs_of, gate_nodes
+from .graph_module import attr_name, example_inputs_of, gate_nodes, merge_of
 from .lifetimes import use_deferred_frees
 from .positions import position_named
 from .tracing import eliminate_dead_code, is_inplace
@@ -73,8 +73,7 @@ def unwire_layer_gate(graph: fx.Graph, node: fx.Node, keep_branch: bool) -> None
 
 def drop_operand(graph: fx.Graph, scaled: fx.Node) -> None:
     """Replace ``add(skip, scaled)`` by ``skip`` (or ``alpha * skip`` for ``torch.add``)."""
-    (merge,) = scaled.users
-    skip = merge.args[1] if merge.args[0] is scaled else merge.args[0]
+    merge, skip = merge_of(scaled)
     alpha = merge.kwargs.get("alpha", 1)
     result = skip
     if alpha != 1 and merge.args[1] is skip:  # torch.add(scaled, skip, alpha=a) keeps a * skip

@@ -42,9 +42,9 @@ for _fn in FUNCTIONS.values():
     register_function(f"{__name__}.{_fn.__name__}", _fn)
 
 
-def as_cache_functions(gm: fx.GraphModule, values: dict[str, Any]) -> bool:
+def as_cache_functions(gm: fx.GraphModule, values: dict[str, Any]) -> None:
     """Rewrite `gm`'s method calls on a cache input (its traced value in `values`, by
-    placeholder name) into `FUNCTIONS`; whether any was."""
+    placeholder name) into `FUNCTIONS`."""
     from transformers import Cache
 
     caches = {n for n in gm.graph.nodes
@@ -61,4 +61,3 @@ def as_cache_functions(gm: fx.GraphModule, values: dict[str, Any]) -> bool:
                 changed = True
     if changed:
         gm.recompile()
-    return changed

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 from ..config import GateConfig
 from ..fx.gating import gate_graph, gate_whole_graph, match_model
-from ..fx.graph_module import META_KEY, Gated, gate_nodes
+from ..fx.graph_module import META_KEY, Gated, gate_nodes, merge_of
 from ..gates.modules import Gate
 from .layer import TracedLayer, plain_attributes, traced_layer
-from .outputs import install_recording_hooks, kept_modules, retype
+from .outputs import install_recording_hooks, kept_modules, recorded_classes, retype
 from .tracing import capture_calls, trace_layer, transformer_layers
 
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -92,11 +92,12 @@ def insert_transformer_gates(
     layers = transformer_layers(gated)
     calls = capture_calls(gated, inputs, layers)
     hints: dict[type, frozenset[str]] = {}
+    recorded = recorded_classes(gated)
     rejected: list[dict[str, str]] = []
     for path, layer in layers:
         args, kwargs = calls[path]
         hint = hints.get(type(layer), frozenset())
-        keep = kept_modules(gated, layer)
+        keep = kept_modules(layer, recorded)
         gm, call, layer_inputs = trace_layer(layer, path, args, kwargs, hint, keep)
         hints[type(layer)] = frozenset(call.concrete)
         what = f"layer '{path}' ({type(layer).__name__})"
@@ -126,8 +127,7 @@ def _stream_leaves(gm: torch.fx.GraphModule, path: str) -> list[dict[str, str]]:
     found = []
     for node, _ in gate_nodes(gm):
         (scaled,) = node.users
-        (merge,) = scaled.users
-        skip = merge.args[1] if merge.args[0] is scaled else merge.args[0]
+        _, skip = merge_of(scaled)
         if getattr(skip, "target", None) is operator.getitem:
             skip = skip.args[0]
         if (isinstance(skip, torch.fx.Node) and skip.op == "call_module" and skip.args

@@ -34,16 +34,17 @@ def install_recording_hooks(model: nn.Module) -> None:
     from transformers import PreTrainedModel
 
     flag = "_output_capturing_hooks_installed"
-    for module in model.modules():  # outer models first: installing one covers those inside
-        inner = [m for m in module.modules() if isinstance(m, PreTrainedModel)]
+    models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    for outer in models:  # outer models first: installing one covers those inside
+        inner = [m for m in outer.modules() if isinstance(m, PreTrainedModel)]
         # ... and hooks an inner one again even if it has them (copied with a model run once)
-        if isinstance(module, PreTrainedModel) and not any(getattr(m, flag, False) for m in inner):
-            capturing.maybe_install_capturing_hooks(module)
+        if not any(getattr(m, flag, False) for m in inner):
+            capturing.maybe_install_capturing_hooks(outer)
 
 
-def kept_modules(model: nn.Module, layer: nn.Module) -> frozenset[str]:
-    """The modules inside `layer` whose outputs transformers records (MoE routers), by
-    name in it: traced as leaves, so that their hooks run."""
+def recorded_classes(model: nn.Module) -> tuple[type, ...]:
+    """The classes of modules whose outputs transformers records (MoE routers) and which
+    gating does not need to see inside: `kept_modules` of each layer."""
     classes: list[type] = []
     for module in model.modules():
         for key, specs in (getattr(module, "_can_record_outputs", None) or {}).items():
@@ -53,9 +54,15 @@ def kept_modules(model: nn.Module, layer: nn.Module) -> frozenset[str]:
                 target = getattr(spec, "target_class", spec)
                 if isinstance(target, type):
                     classes.append(target)
+    return tuple(classes)
+
+
+def kept_modules(layer: nn.Module, classes: tuple[type, ...]) -> frozenset[str]:
+    """The modules inside `layer` of the `recorded_classes`, by name in it: traced as
+    leaves, so that their hooks run."""
     if not classes:
         return frozenset()
-    return frozenset(n for n, m in layer.named_modules() if n and isinstance(m, tuple(classes)))
+    return frozenset(n for n, m in layer.named_modules() if n and isinstance(m, classes))
 
 
 def carry_hooks(source: nn.Module, target: nn.Module) -> None:

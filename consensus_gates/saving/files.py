@@ -297,10 +297,9 @@ def export(
         )
     shapes, tokens = None, None
     if is_transformer(model):
-        transformer = model
-        model, inputs, shapes = export_call(model, example_inputs)
-        tokens = TokenProgram.describe(transformer, model.names)
-        shapes = shapes if dynamic_batch else None
+        call, inputs, shapes = export_call(model, example_inputs)
+        tokens = TokenProgram.describe(model, call.names)
+        model, shapes = call, shapes if dynamic_batch else None
     else:
         inputs = as_input_tuple(example_inputs)
     if name.endswith(".onnx"):

@@ -106,9 +106,10 @@ def _onnx_program(
                                  verbose=False)  # fmt: skip
 
 
-def token_metadata(proto: Any) -> str | None:
-    """What `export_onnx` recorded of a language model's inputs (`TokenProgram.read`)."""
-    return next((p.value for p in proto.metadata_props if p.key == TOKENS_KEY), None)
+def token_metadata(model: OnnxRuntimeModel) -> str | None:
+    """What `export_onnx` recorded of a language model's inputs (`TokenProgram.read`), as
+    the session read it: the file is not parsed again."""
+    return model.session.get_modelmeta().custom_metadata_map.get(TOKENS_KEY)
 
 
 def check_onnx(path: str | os.PathLike) -> Any:

@@ -298,8 +298,8 @@ def _load_weights(model: nn.Module, path: Path) -> dict[str, Any]:
     gates the file's run had cut out while training are cut out of it too); returns the
     decisions its gates were pinned to."""
     spec = read_spec(path)
-    cut = {n: d for n, d in (spec.get("cut") or {}).items() if n in model.gates}
-    if cut and isinstance(spec.get("cut"), dict):
+    cut = {n: d for n, d in spec.get("cut", {}).items() if n in model.gates}
+    if cut:
         replay_cuts(model, cut)
     mine = json.loads(json.dumps(model_spec(model)))  # as the file holds it: lists, str keys
     if {k: v for k, v in spec.items() if k != "fixed"} != {k: v for k, v in mine.items()
